@@ -29,7 +29,9 @@ def batch_size(batch: Any, name: str = "batch") -> int:
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(batch)
     if not leaves:
-        raise ValueError(f"{name} has no array leaves; expected a pytree of arrays with a batch axis.")
+        raise ValueError(
+            f"{name} has no array leaves; expected a pytree of arrays with a batch axis."
+        )
     sizes = {}
     for path, leaf in leaves:
         shape = np.shape(leaf)
@@ -90,7 +92,9 @@ def positive_int(**values: int | None) -> None:
             raise ValueError(f"{name} must be an integer >= 1 (or None), got {name}={value!r}.")
 
 
-def in_interval(name: str, value: float, low: float, high: float, *, closed: str = "neither") -> None:
+def in_interval(
+    name: str, value: float, low: float, high: float, *, closed: str = "neither"
+) -> None:
     """Raises ``ValueError`` unless ``value`` lies in the interval; ``closed`` in neither/left/right/both."""
     ok_low = value >= low if closed in ("left", "both") else value > low
     ok_high = value <= high if closed in ("right", "both") else value < high

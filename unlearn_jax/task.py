@@ -84,7 +84,9 @@ class Task:
     def batch_correct(self, params: Params, batch: Batch) -> jax.Array:
         """Per-example correctness ``[B]`` as 0/1 floats (classification tasks only)."""
         if self.kind != CLASSIFICATION:
-            raise ValueError("batch_correct needs a classification task; use batch_losses for regression.")
+            raise ValueError(
+                "batch_correct needs a classification task; use batch_losses for regression."
+            )
         outputs = self.batch_outputs(params, batch)
         return (jnp.argmax(outputs, axis=-1) == batch["y"]).astype(jnp.float32)
 
