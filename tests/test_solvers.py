@@ -37,7 +37,7 @@ def test_cg_and_dense_match_numpy_solve_on_damped_explicit_hessian(method):
 
 
 def test_lissa_converges_to_the_same_solution():
-    params, matvec, b, want, h = _system()
+    _params, matvec, b, want, h = _system()
     lam_max = np.linalg.eigvalsh(h).max() + 0.1
     res = solvers.inverse_hvp(
         matvec, b, method="lissa", damping=0.1, scale=lam_max, depth=5000, tol=1e-5

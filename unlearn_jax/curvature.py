@@ -35,7 +35,7 @@ Batch = Any
 
 
 def _iter_batches(batches: Iterable[Batch], fn_name: str):
-    if isinstance(batches, Mapping) or isinstance(batches, jax.Array):
+    if isinstance(batches, (Mapping, jax.Array)):
         raise TypeError(
             f"{fn_name} takes an ITERABLE of batches (e.g. a list or a generator), got a single "
             f"{type(batches).__name__}; wrap one batch as [batch]."

@@ -78,7 +78,7 @@ def _cg(op: MatVec, b: Params, tol: float, maxiter: int):
     x0 = optax.tree.zeros_like(b)
 
     def cond(state):
-        _, r, _, rr, k = state
+        _, _r, _, rr, k = state
         return (k < maxiter) & (jnp.sqrt(rr) > threshold)
 
     def body(state):
