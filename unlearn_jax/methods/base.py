@@ -1,0 +1,293 @@
+"""The unlearning-method protocol and the :func:`unlearn` driver.
+
+Like optax's ``GradientTransformation``, a method is a NamedTuple of pure functions, and whatever it
+needs besides the model (reference parameters, a Fisher, a saliency mask, an optimizer state) lives in
+its own ``method_state``, apart from the ``TrainState``::
+
+    init(train_state, task, forget, retain, key) -> method_state
+    update(train_state, method_state, task, forget_batch, retain_batch, key)
+        -> (train_state, method_state, metrics)
+
+``forget``/``retain`` in ``init`` are whole :class:`~unlearn_jax.data.Dataset`s (``retain`` may be
+``None``); ``init`` may stream over them (e.g. to accumulate a Fisher). ``update`` receives one batch of
+each (dicts ``{"x", "y", "id"}`` with a fixed batch size, or ``None`` for an unused side).
+
+* An ITERATIVE method (``one_shot=False``) has ``update`` called for many steps with mini-batches; the
+  driver jits it once and feeds fixed-size batches, so it compiles once.
+* A ONE-SHOT method (SSD, Newton removal, analytic unlearning) has ``update`` called exactly once with
+  the whole forget set (and the whole retain set when it needs one) as a single batch.
+
+``unlearn`` is the only loop: it validates the inputs, runs ``init``, feeds batches, guards against
+non-finite losses, times the run and returns an :class:`UnlearnResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training.train_state import TrainState
+
+from unlearn_jax import _validate
+from unlearn_jax.task import Task
+
+MethodState = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+InitFn = Callable[[TrainState, Task, Any, Any, jax.Array], MethodState]
+UpdateFn = Callable[
+    [TrainState, MethodState, Task, Batch | None, Batch | None, jax.Array],
+    tuple[TrainState, MethodState, Metrics],
+]
+
+
+class Unlearner(NamedTuple):
+    """An unlearning method: a pair of pure functions plus what the driver needs to know.
+
+    Attributes:
+      init: ``init(train_state, task, forget, retain, key) -> method_state``.
+      update: ``update(train_state, method_state, task, forget_batch, retain_batch, key) ->
+        (train_state, method_state, metrics)``; ``metrics`` is a flat dict of scalars with
+        slash-separated keys, and should contain ``"loss"`` (checked for finiteness).
+      name: a short name used in tables and records (``"npo"``, ``"sam+npo"``).
+      needs_retain: whether ``retain`` must be given.
+      needs_forget_batches: whether ``update`` reads forget batches (False e.g. for fine-tuning).
+      one_shot: ``update`` runs once on the whole data (see module docstring).
+      epoch_over: ``"forget"`` or ``"retain"``: which set one epoch walks over, for ``epochs=``.
+      hparams: the hyper-parameters, recorded with every result so a run can be repeated.
+    """
+
+    init: InitFn
+    update: UpdateFn
+    name: str
+    needs_retain: bool = False
+    needs_forget_batches: bool = True
+    one_shot: bool = False
+    epoch_over: str = "forget"
+    hparams: dict = {}  # noqa: RUF012 -- NamedTuple default, never mutated
+
+
+class UnlearnResult(NamedTuple):
+    """What :func:`unlearn` returns.
+
+    Attributes:
+      state: the unlearned ``TrainState``.
+      method_state: the method's final state (e.g. a saliency mask, solver information).
+      metrics: per-step metrics, each a ``[steps]`` numpy array, keyed as the method names them.
+      wall_time: seconds from the start of ``init`` to the last update's result being ready.
+      steps: number of ``update`` calls.
+      method: the method's name.
+      hparams: the method's hyper-parameters plus the driver's (steps, batch size, seed).
+    """
+
+    state: TrainState
+    method_state: MethodState
+    metrics: dict[str, np.ndarray]
+    wall_time: float
+    steps: int
+    method: str
+    hparams: dict
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a step of an unlearning method produced a NaN or infinite loss.
+
+    Attributes:
+      step: the first step whose loss was not finite.
+      last_finite_state: the ``TrainState`` at the last check that found only finite losses (the
+        input state if the first check failed), so the work before the failure is not lost.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+        self.last_finite_state = None
+
+
+def _sized(data, name: str):
+    if data is None:
+        return 0
+    try:
+        return len(data)
+    except TypeError as exc:
+        raise TypeError(
+            f"{name} must be a Dataset (with len() and as_batch()), got {type(data)}"
+        ) from exc
+
+
+def fixed_size_batches(dataset, batch_size: int, key: jax.Array) -> Iterator[Batch]:
+    """An endless stream of batches of exactly ``min(batch_size, len(dataset))`` examples.
+
+    Batches walk through successive random permutations of the data set; a batch that reaches the
+    end of one permutation is completed from the start of the next, so every step has the same shape
+    (one compilation) and every example is seen once per ``len(dataset)`` examples drawn.
+    """
+    n = len(dataset)
+    size = min(batch_size, n)
+    full = dataset.as_batch()
+    order = np.empty(0, np.int64)
+    epoch = 0
+    while True:
+        while order.size < size:
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+            order = np.concatenate([order, perm])
+            epoch += 1
+        idx, order = order[:size], order[size:]
+        yield jax.tree_util.tree_map(lambda a, idx=idx: a[idx], full)
+
+
+def _check_finite_loss(metrics: list[Metrics], first_step: int, method: str):
+    """Raises on the first step whose loss is NaN/inf; one device-to-host copy per check."""
+    if not metrics or "loss" not in metrics[0]:
+        return
+    losses = np.asarray(jnp.stack([m["loss"] for m in metrics]))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        step = first_step + int(bad[0])
+        raise NonFiniteLossError(
+            f"{method}: the loss became {losses[bad[0]]} at step {step}; unlearning was stopped so "
+            "that no NaN model is returned (the exception's last_finite_state holds the last checked "
+            "state). Lower the learning rate, add gradient clipping, or check the data for NaNs.",
+            step,
+        )
+
+
+def unlearn(
+    method: Unlearner,
+    state: TrainState,
+    task: Task,
+    forget,
+    retain=None,
+    *,
+    key: jax.Array,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 64,
+    check_every: int = 50,
+    progress: bool | None = None,
+) -> UnlearnResult:
+    """Runs ``method`` on ``state`` to remove ``forget`` (keeping ``retain``).
+
+    Args:
+      method: an :class:`Unlearner`.
+      state: the trained model's ``TrainState``.
+      task: how to read the model's outputs and loss.
+      forget: the data to remove (a :class:`~unlearn_jax.data.Dataset`).
+      retain: the data to keep, or ``None`` for methods that do not need it.
+      key: PRNG key; the run is deterministic given it.
+      steps: number of updates for an iterative method.
+      epochs: alternatively, passes over ``method.epoch_over`` (``ceil(epochs * n / batch_size)``
+        steps). Exactly one of ``steps``/``epochs`` for iterative methods; neither for one-shot ones.
+      batch_size: examples per side per step.
+      check_every: steps between checks of the losses for NaN/inf (each check is one host copy).
+      progress: a tqdm progress bar (``None``: only when stderr is a terminal).
+
+    Returns:
+      An :class:`UnlearnResult`.
+
+    Raises:
+      ValueError: an empty forget set, a missing retain set for a method that needs it, an invalid
+        steps/epochs combination.
+      NonFiniteLossError: a step produced a non-finite loss (the message gives the step).
+    """
+    if not isinstance(method, Unlearner):
+        raise TypeError(
+            f"method must be an Unlearner (e.g. unlearn_jax.methods.npo()), got {type(method)}"
+        )
+    n_forget = _sized(forget, "forget")
+    if forget is None or n_forget == 0:
+        raise ValueError(f"{method.name}: the forget set is empty; there is nothing to unlearn.")
+    n_retain = _sized(retain, "retain")
+    if method.needs_retain and (retain is None or n_retain == 0):
+        raise ValueError(
+            f"{method.name} needs retain data (it keeps the model's utility on it), but retain="
+            f"{'None' if retain is None else 'an empty set'} was given."
+        )
+    _validate.positive_int(batch_size=batch_size, check_every=check_every)
+    if method.one_shot:
+        if steps is not None or epochs is not None:
+            raise ValueError(f"{method.name} is one-shot: do not pass steps or epochs.")
+        total_steps = 1
+    else:
+        if (steps is None) == (epochs is None):
+            raise ValueError(f"{method.name} is iterative: pass exactly one of steps= or epochs=.")
+        if steps is not None:
+            _validate.positive_int(steps=steps)
+            total_steps = steps
+        else:
+            _validate.positive(epochs=epochs)
+            n_epoch = n_retain if method.epoch_over == "retain" else n_forget
+            total_steps = max(1, math.ceil(epochs * n_epoch / batch_size))
+
+    init_key, forget_key, retain_key, step_key = jax.random.split(key, 4)
+    hparams = dict(method.hparams, steps=total_steps, batch_size=batch_size, epochs=epochs)
+    last_good = state
+    start = time.perf_counter()
+    method_state = method.init(state, task, forget, retain, init_key)
+
+    if method.one_shot:
+        forget_batch = forget.as_batch()
+        retain_batch = retain.as_batch() if (retain is not None and method.needs_retain) else None
+        state, method_state, metrics = method.update(
+            state, method_state, task, forget_batch, retain_batch, step_key
+        )
+        jax.block_until_ready((state, metrics))
+        wall = time.perf_counter() - start
+        try:
+            _check_finite_loss([metrics], 0, method.name)
+        except NonFiniteLossError as error:
+            error.last_finite_state = last_good
+            raise
+        arrays = {k: np.asarray(v)[None] for k, v in metrics.items()}
+        return UnlearnResult(state, method_state, arrays, wall, 1, method.name, hparams)
+
+    step_fn = jax.jit(lambda s, ms, fb, rb, k: method.update(s, ms, task, fb, rb, k))
+    forget_stream = (
+        fixed_size_batches(forget, batch_size, forget_key) if method.needs_forget_batches else None
+    )
+    use_retain = retain is not None and n_retain > 0 and method.needs_retain
+    retain_stream = fixed_size_batches(retain, batch_size, retain_key) if use_retain else None
+
+    from tqdm.auto import tqdm  # local: keeps import time of the library low
+
+    show = progress if progress is not None else _stderr_is_tty()
+    bar = tqdm(total=total_steps, desc=method.name, disable=not show, leave=False)
+    history: list[Metrics] = []
+    pending: list[Metrics] = []
+    for step in range(total_steps):
+        fb = next(forget_stream) if forget_stream is not None else None
+        rb = next(retain_stream) if retain_stream is not None else None
+        state, method_state, metrics = step_fn(
+            state, method_state, fb, rb, jax.random.fold_in(step_key, step)
+        )
+        pending.append(metrics)
+        bar.update(1)
+        if len(pending) == check_every or step == total_steps - 1:
+            try:
+                _check_finite_loss(pending, step - len(pending) + 1, method.name)
+            except NonFiniteLossError as error:
+                bar.close()
+                error.last_finite_state = last_good
+                raise
+            history.extend(pending)
+            pending = []
+            last_good = state
+    bar.close()
+    jax.block_until_ready(state)
+    wall = time.perf_counter() - start
+    arrays = (
+        {k: np.asarray(jnp.stack([m[k] for m in history])) for k in history[0]} if history else {}
+    )
+    return UnlearnResult(state, method_state, arrays, wall, total_steps, method.name, hparams)
+
+
+def _stderr_is_tty() -> bool:
+    import sys
+
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
