@@ -1,0 +1,41 @@
+"""Datasets whose examples carry stable ids, forget-set selection, and batching.
+
+Examples:
+  >>> from unlearn_jax import data
+  >>> splits = data.load("digits")
+  >>> split = data.class_forget(splits.train, 3)
+  >>> split.spec, len(split.forget) + len(split.retain) == len(splits.train)
+  ('class:3', True)
+"""
+
+from unlearn_jax.data.batching import batch_stream, batches, num_batches, padded_batches
+from unlearn_jax.data.dataset import Dataset, Splits
+from unlearn_jax.data.forget import (
+    ForgetSplit,
+    class_forget,
+    forget_ids_hash,
+    ids_forget,
+    predicate_forget,
+    random_forget,
+    read_ids_file,
+    select_forget,
+)
+from unlearn_jax.data.loaders import load
+
+__all__ = [
+    "Dataset",
+    "ForgetSplit",
+    "Splits",
+    "batch_stream",
+    "batches",
+    "class_forget",
+    "forget_ids_hash",
+    "ids_forget",
+    "load",
+    "num_batches",
+    "padded_batches",
+    "predicate_forget",
+    "random_forget",
+    "read_ids_file",
+    "select_forget",
+]

@@ -1,0 +1,216 @@
+"""Batches of a :class:`Dataset` as JAX arrays: ``{"x": [B, ...], "y": [B, ...], "id": [B] int32}``.
+
+Three ways to go through a dataset:
+
+* :func:`batches`: one epoch, in dataset order or a keyed permutation; the last batch may be smaller.
+* :func:`padded_batches`: one epoch of fixed-shape batches plus a ``[B]`` mask, so a jitted step
+  compiles once even for the last, partial batch (padding rows are zeros with ``id == -1``).
+* :func:`batch_stream`: an endless stream of full batches, reshuffled every epoch, for step-based
+  loops.
+
+Indices are gathered on the host (numpy) and each batch is copied to the device as it is yielded.
+The functions validate their arguments when called, not at the first ``next``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unlearn_jax.data.dataset import Dataset
+
+Batch = dict[str, jax.Array]
+PADDING_ID = -1
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    # Not _validate.positive_int: that one accepts None, which means nothing here.
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got batch_size={batch_size!r}.")
+
+
+def num_batches(n: int, batch_size: int, *, drop_remainder: bool = False) -> int:
+    """The number of batches in one epoch of ``n`` examples.
+
+    ``ceil(n / batch_size)``, or ``floor(n / batch_size)`` with ``drop_remainder``.
+
+    Raises:
+      ValueError: if ``n`` is not an integer >= 0 or ``batch_size`` is not an integer >= 1.
+
+    Examples:
+      >>> num_batches(10, 4), num_batches(10, 4, drop_remainder=True)
+      (3, 2)
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got n={n!r}.")
+    _check_batch_size(batch_size)
+    return int(n // batch_size if drop_remainder else math.ceil(n / batch_size))
+
+
+def _check(dataset: Any, batch_size: Any, key: Any) -> None:
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"dataset must be an unlearn_jax.data.Dataset, got {type(dataset).__name__}."
+        )
+    _check_batch_size(batch_size)
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.name or 'dataset'} is empty; there is nothing to batch.")
+    if key is not None and isinstance(key, int | np.integer):
+        raise TypeError(
+            f"key must be a JAX PRNG key such as jax.random.key({key}), or None for dataset order; "
+            f"got the integer {key}."
+        )
+
+
+def _epoch_order(n: int, key: Any) -> np.ndarray:
+    """Positions of one epoch: ``arange(n)`` for ``key=None``, else ``jax.random.permutation``."""
+    if key is None:
+        return np.arange(n)
+    return np.asarray(jax.random.permutation(key, n))
+
+
+def _gather(dataset: Dataset, idx: np.ndarray) -> Batch:
+    return {
+        "x": jnp.asarray(dataset.x[idx]),
+        "y": jnp.asarray(dataset.y[idx]),
+        "id": jnp.asarray(dataset.ids[idx].astype(np.int32)),
+    }
+
+
+def batches(
+    dataset: Dataset, batch_size: int, *, key: Any = None, drop_remainder: bool = False
+) -> Iterator[Batch]:
+    """One epoch of batches ``{"x": [B, ...], "y": [B, ...], "id": [B] int32}``.
+
+    Args:
+      dataset: the examples.
+      batch_size: examples per batch, >= 1.
+      key: ``None`` for dataset order, or a PRNG key: the order is then
+        ``jax.random.permutation(key, N)``, the same for the same key.
+      drop_remainder: drop the final batch when it has fewer than ``batch_size`` examples.
+
+    Returns:
+      An iterator over ``num_batches(N, batch_size, drop_remainder=...)`` batches; the last has
+      ``N % batch_size`` examples when that is non-zero and ``drop_remainder`` is False. Every example
+      appears exactly once per epoch (at most once with ``drop_remainder``). It is a single pass:
+      call again for another epoch (with a new key to reshuffle).
+
+    Raises:
+      ValueError: if ``batch_size`` is not an integer >= 1, the dataset is empty, or
+        ``drop_remainder`` would leave no batch at all (``batch_size > N``).
+      TypeError: if ``key`` is an int rather than a PRNG key.
+    """
+    _check(dataset, batch_size, key)
+    n = len(dataset)
+    if drop_remainder and batch_size > n:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {n} examples of {dataset.name or 'the dataset'}, "
+            "so drop_remainder=True would yield no batch; lower batch_size or keep the remainder."
+        )
+    order = _epoch_order(n, key)
+    stop = num_batches(n, batch_size, drop_remainder=drop_remainder) * batch_size
+
+    def generate() -> Iterator[Batch]:
+        for start in range(0, stop, batch_size):
+            yield _gather(dataset, order[start : start + batch_size])
+
+    return generate()
+
+
+def padded_batches(
+    dataset: Dataset, batch_size: int, *, key: Any = None
+) -> Iterator[tuple[Batch, jax.Array]]:
+    """One epoch of fixed-shape batches and masks, so one compiled step serves every batch.
+
+    Every batch has exactly ``batch_size`` rows. The last batch of an epoch whose size ``N`` is not a
+    multiple of ``batch_size`` is completed with padding rows: zeros in ``x`` and ``y`` and
+    ``id == -1``. A step should weight its per-example losses by the mask, e.g.
+    ``sum(mask * losses) / max(sum(mask), 1)``.
+
+    Args:
+      dataset: the examples.
+      batch_size: rows per batch, >= 1.
+      key: ``None`` for dataset order, or a PRNG key (order ``jax.random.permutation(key, N)``).
+
+    Returns:
+      An iterator over ``ceil(N / batch_size)`` pairs ``(batch, mask)``: ``batch`` as in
+      :func:`batches` with leading size ``batch_size``, ``mask [batch_size]`` float32, 1 for real
+      examples and 0 for padding. Real examples come first within a batch.
+
+    Raises:
+      ValueError: if ``batch_size`` is not an integer >= 1 or the dataset is empty.
+      TypeError: if ``key`` is an int rather than a PRNG key.
+    """
+    _check(dataset, batch_size, key)
+    n = len(dataset)
+    order = _epoch_order(n, key)
+
+    def generate() -> Iterator[tuple[Batch, jax.Array]]:
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            real = idx.shape[0]
+            if real == batch_size:
+                yield _gather(dataset, idx), jnp.ones((batch_size,), jnp.float32)
+                continue
+            pad = batch_size - real
+            x = np.concatenate([dataset.x[idx], np.zeros((pad, *dataset.x.shape[1:]), np.float32)])
+            y = np.concatenate(
+                [dataset.y[idx], np.zeros((pad, *dataset.y.shape[1:]), dataset.y.dtype)]
+            )
+            ids = np.concatenate([dataset.ids[idx], np.full((pad,), PADDING_ID, np.int64)])
+            mask = np.concatenate([np.ones((real,), np.float32), np.zeros((pad,), np.float32)])
+            batch = {
+                "x": jnp.asarray(x),
+                "y": jnp.asarray(y),
+                "id": jnp.asarray(ids.astype(np.int32)),
+            }
+            yield batch, jnp.asarray(mask)
+
+    return generate()
+
+
+def batch_stream(dataset: Dataset, batch_size: int, *, key: Any = None) -> Iterator[Batch]:
+    """An endless stream of full batches, for loops that count steps rather than epochs.
+
+    Epoch ``e`` visits the examples in the order ``jax.random.permutation(jax.random.fold_in(key,
+    e), N)`` (dataset order for ``key=None``); the epochs are concatenated and cut into batches of
+    exactly ``batch_size``, so a batch may straddle two epochs, and when ``batch_size > N`` a batch
+    holds some examples twice. Every run of ``N`` consecutive examples that starts at an epoch
+    boundary is a permutation of the dataset.
+
+    Args:
+      dataset: the examples.
+      batch_size: examples per batch, >= 1.
+      key: ``None`` or a PRNG key.
+
+    Returns:
+      An infinite iterator of batches ``{"x": [B, ...], "y": [B, ...], "id": [B] int32}``.
+
+    Raises:
+      ValueError: if ``batch_size`` is not an integer >= 1 or the dataset is empty.
+      TypeError: if ``key`` is an int rather than a PRNG key.
+    """
+    _check(dataset, batch_size, key)
+    n = len(dataset)
+
+    def generate() -> Iterator[Batch]:
+        epoch = 0
+        pending = np.zeros((0,), np.int64)
+        while True:
+            while pending.shape[0] < batch_size:
+                epoch_key = None if key is None else jax.random.fold_in(key, epoch)
+                pending = np.concatenate([pending, _epoch_order(n, epoch_key)])
+                epoch += 1
+            yield _gather(dataset, pending[:batch_size])
+            pending = pending[batch_size:]
+
+    return generate()
