@@ -36,6 +36,7 @@ from unlearn_jax.evaluation.mia import (
     threshold_attacks,
     tpr_at_fpr,
 )
+from unlearn_jax.evaluation.relearn import RelearnResult, relearning_attack
 from unlearn_jax.evaluation.report import (
     format_table,
     plot_gap_bars,
@@ -48,6 +49,7 @@ __all__ = [
     "FEATURES",
     "TABLE_KEYS",
     "LearnedAttack",
+    "RelearnResult",
     "accuracy_metrics",
     "attack_metrics",
     "challenge_epsilons",
@@ -72,6 +74,7 @@ __all__ = [
     "per_example_losses",
     "plot_gap_bars",
     "plot_roc_curves",
+    "relearning_attack",
     "roc_auc",
     "roc_curve",
     "speedup",
