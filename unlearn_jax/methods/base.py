@@ -19,6 +19,11 @@ each (dicts ``{"x", "y", "id"}`` with a fixed batch size, or ``None`` for an unu
 
 ``unlearn`` is the only loop: it validates the inputs, runs ``init``, feeds batches, guards against
 non-finite losses, times the run and returns an :class:`UnlearnResult`.
+
+A method whose schedule depends on the run (a weight that decays over the run's steps, passes that
+alternate between the forget and the retain set) sets ``plan``: before ``init`` the driver calls
+``plan(RunInfo(...))`` with the data sizes, the batch size and the requested ``steps``/``epochs``, and
+runs the :class:`Unlearner` it returns for the number of steps it returns.
 """
 
 from __future__ import annotations
@@ -61,6 +66,13 @@ class Unlearner(NamedTuple):
       one_shot: ``update`` runs once on the whole data (see module docstring).
       epoch_over: ``"forget"`` or ``"retain"``: which set one epoch walks over, for ``epochs=``.
       hparams: the hyper-parameters, recorded with every result so a run can be repeated.
+      plan: optional ``plan(RunInfo) -> (Unlearner, total_steps)`` for iterative methods whose
+        update depends on the length of the run (see the module docstring); the returned
+        ``Unlearner`` is run as is (its own ``plan`` is ignored). ``None``: the driver derives the
+        number of steps from ``steps``/``epochs`` and ``epoch_over``.
+      parts: what the method was assembled from, for wrappers that rebuild it (e.g.
+        :func:`unlearn_jax.methods.sam` reads the objective and transforms of a gradient method);
+        ``None`` for methods not built from parts.
     """
 
     init: InitFn
@@ -71,6 +83,34 @@ class Unlearner(NamedTuple):
     one_shot: bool = False
     epoch_over: str = "forget"
     hparams: dict = {}  # noqa: RUF012 -- NamedTuple default, never mutated
+    plan: Callable[[RunInfo], tuple[Unlearner, int]] | None = None
+    parts: Any = None
+
+
+class RunInfo(NamedTuple):
+    """What the driver knows about a run before it starts; the argument of ``Unlearner.plan``.
+
+    Attributes:
+      forget_size: number of forget examples (>= 1).
+      retain_size: number of retain examples (0 when no retain set is given).
+      batch_size: the requested batch size; a side with fewer examples uses all of them per step
+        (:func:`fixed_size_batches`), i.e. ``min(batch_size, size)`` examples.
+      steps: the requested number of steps, or ``None``.
+      epochs: the requested number of epochs, or ``None`` (exactly one of the two is set).
+    """
+
+    forget_size: int
+    retain_size: int
+    batch_size: int
+    steps: int | None
+    epochs: float | None
+
+
+def steps_per_pass(size: int, batch_size: int) -> int:
+    """Steps of fixed-size batches that see each of ``size`` examples once: ``ceil(n / min(B, n))``."""
+    if size <= 0:
+        return 0
+    return math.ceil(size / min(batch_size, size))
 
 
 class UnlearnResult(NamedTuple):
@@ -182,8 +222,9 @@ def unlearn(
       retain: the data to keep, or ``None`` for methods that do not need it.
       key: PRNG key; the run is deterministic given it.
       steps: number of updates for an iterative method.
-      epochs: alternatively, passes over ``method.epoch_over`` (``ceil(epochs * n / batch_size)``
-        steps). Exactly one of ``steps``/``epochs`` for iterative methods; neither for one-shot ones.
+      epochs: alternatively, passes over ``method.epoch_over`` (``ceil(epochs * ceil(n / min(
+        batch_size, n)))`` steps), or as ``method.plan`` counts them. Exactly one of
+        ``steps``/``epochs`` for iterative methods; neither for one-shot ones.
       batch_size: examples per side per step.
       check_every: steps between checks of the losses for NaN/inf (each check is one host copy).
       progress: a tqdm progress bar (``None``: only when stderr is a terminal).
@@ -222,8 +263,15 @@ def unlearn(
             total_steps = steps
         else:
             _validate.positive(epochs=epochs)
+        if method.plan is not None:
+            info = RunInfo(n_forget, n_retain, batch_size, steps, epochs)
+            method, total_steps = method.plan(info)
+            _validate.positive_int(total_steps=total_steps)
+        elif steps is None:
+            # One epoch is one pass of fixed-size batches over the chosen side; a side smaller than
+            # the batch is seen whole every step, so an epoch is then one step.
             n_epoch = n_retain if method.epoch_over == "retain" else n_forget
-            total_steps = max(1, math.ceil(epochs * n_epoch / batch_size))
+            total_steps = max(1, math.ceil(epochs * steps_per_pass(n_epoch, batch_size)))
 
     init_key, forget_key, retain_key, step_key = jax.random.split(key, 4)
     hparams = dict(method.hparams, steps=total_steps, batch_size=batch_size, epochs=epochs)
