@@ -296,6 +296,9 @@ def unlearn(
         return UnlearnResult(state, method_state, arrays, wall, 1, method.name, hparams)
 
     step_fn = jax.jit(lambda s, ms, fb, rb, k: method.update(s, ms, task, fb, rb, k))
+    # A weakly typed input leaf (jnp.full(.., 0.1), TrainState.create's Python step 0) comes back
+    # strongly typed from the first step and would make the second step compile again.
+    state, method_state = _strongly_typed(state), _strongly_typed(method_state)
     forget_stream = (
         fixed_size_batches(forget, batch_size, forget_key) if method.needs_forget_batches else None
     )
@@ -333,6 +336,20 @@ def unlearn(
         {k: np.asarray(jnp.stack([m[k] for m in history])) for k in history[0]} if history else {}
     )
     return UnlearnResult(state, method_state, arrays, wall, total_steps, method.name, hparams)
+
+
+def _strongly_typed(tree):
+    """``tree`` with every numeric leaf a strongly typed array of its dtype (keys left alone)."""
+
+    def convert(leaf):
+        if isinstance(leaf, jax.Array | np.ndarray | int | float | complex | np.number):
+            dtype = jnp.result_type(leaf)
+            if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+                return leaf
+            return jnp.asarray(leaf, dtype=dtype)
+        return leaf
+
+    return jax.tree_util.tree_map(convert, tree)
 
 
 def _stderr_is_tty() -> bool:

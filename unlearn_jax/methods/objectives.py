@@ -235,6 +235,10 @@ class Objective:
     def __neg__(self):
         return self * -1.0
 
+    def as_objective(self) -> Objective:
+        """Itself (so code can accept a :class:`Term` or an :class:`Objective` alike)."""
+        return self
+
     # ---- introspection -------------------------------------------------------------------------
     @property
     def sides(self) -> frozenset[str]:
