@@ -1,0 +1,115 @@
+"""WoodFisher IU: the N x N Woodbury solve equals a dense solve; the reference Sherman-Morrison chain does not."""
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.methods._digits import trained_mlp
+from unlearn_jax import data
+from unlearn_jax.methods.base import unlearn
+from unlearn_jax.methods.woodfisher import woodbury_inverse_vp, woodfisher, woodfisher_direction
+
+RTOL_F64 = 1e-10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def dense_solve(g, v, damping):
+    n, p = g.shape
+    return np.linalg.solve(damping * np.eye(p) + g.T @ g / n, v)
+
+
+def reference_sherman_morrison_chain(g, v):
+    """The reference code's recursion (implied damping 1), o_0 = g_0, for i >= 1:
+    k <- k - (k . g_i) / (N + o . g_i) * o,  o <- o - (o . g_i) / (N + o . g_i) * o."""
+    n = g.shape[0]
+    k = v.copy()
+    o = g[0].copy()
+    for i in range(1, n):
+        tmp = o @ g[i]
+        k = k - (k @ g[i]) / (n + tmp) * o
+        o = o - tmp / (n + tmp) * o
+    return k
+
+
+@pytest.mark.parametrize(("n", "p", "damping"), [(30, 50, 1.0), (80, 20, 0.1), (5, 200, 1e-3)])
+def test_woodbury_equals_dense_solve(n, p, damping):
+    rng = np.random.default_rng(n)
+    g = rng.normal(size=(n, p)) * rng.exponential(size=(n, 1))
+    v = rng.normal(size=p)
+    got = woodbury_inverse_vp(jnp.asarray(g), jnp.asarray(v), damping)
+    want = dense_solve(g, v, damping)
+    np.testing.assert_allclose(got, want, rtol=RTOL_F64 * 1e3, atol=1e-12 * np.abs(want).max())
+    # The residual of the defining system is at round-off level.
+    residual = damping * np.asarray(got) + g.T @ (g @ np.asarray(got)) / n - v
+    assert np.linalg.norm(residual) <= 1e-10 * np.linalg.norm(v)
+
+
+def test_reference_chain_is_not_the_inverse():
+    """Why the exact solve: the reference chain only subtracts the first gradient's direction."""
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(20, 30))
+    v = rng.normal(size=30)
+    chain = reference_sherman_morrison_chain(g, v)
+    exact = dense_solve(g, v, 1.0)
+    assert np.linalg.norm(chain - exact) > 0.05 * np.linalg.norm(exact)
+    # Its correction lies in span(g_0) only.
+    delta = chain - v
+    cos = abs(delta @ g[0]) / (np.linalg.norm(delta) * np.linalg.norm(g[0]))
+    assert cos == pytest.approx(1.0, abs=1e-9)
+
+
+def test_direction_on_a_model_matches_dense_fisher():
+    splits, task, state = trained_mlp()
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state.params)
+    split = data.random_forget(splits.train, 0.05, seed=0)
+    wf = woodfisher_direction(
+        task, params, split.forget, split.retain, jax.random.key(0), damping=0.5, num_grads=64
+    )
+    assert wf.num_grads == 64
+    # Rebuild G and v independently: per-example gradients by a loop of jax.grad.
+    rows = np.asarray(jax.random.choice(jax.random.key(0), len(split.retain), (64,), replace=False))
+    sample = split.retain.take(rows).as_batch()
+    flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])
+    one_grad = jax.jit(
+        lambda p, x, y: jax.flatten_util.ravel_pytree(jax.grad(task.loss)(p, {"x": x, "y": y}))[0]
+    )
+    g = np.stack([np.asarray(one_grad(params, sample["x"][i], sample["y"][i])) for i in range(64)])
+    mean_grad = jax.jit(jax.grad(lambda p, b: task.batch_loss(p, b)))
+    mean = lambda ds: flat(mean_grad(params, {"x": jnp.asarray(ds.x), "y": jnp.asarray(ds.y)}))
+    n_f, n = len(split.forget), len(splits.train)
+    v = (n_f / n) * (mean(split.forget) - mean(split.retain))
+    np.testing.assert_allclose(float(wf.v_norm), np.linalg.norm(v), rtol=1e-8)
+    # x = F^-1 v solves (0.5 I + G^T G / N) x = v, checked without forming the [P, P] matrix.
+    x = flat(wf.direction)
+    residual = 0.5 * x + g.T @ (g @ x) / 64 - v
+    assert np.linalg.norm(residual) <= 1e-9 * np.linalg.norm(v)
+
+
+def test_unlearner_applies_alpha_times_direction():
+    splits, task, state = trained_mlp()
+    split = data.random_forget(splits.train, 0.05, seed=0)
+    result = unlearn(
+        woodfisher(alpha=0.2, num_grads=100),
+        state,
+        task,
+        split.forget,
+        split.retain,
+        key=jax.random.key(1),
+    )
+    direction = result.method_state.direction
+    jax.tree_util.tree_map(
+        lambda new, old, d: np.testing.assert_allclose(new, old + 0.2 * d, rtol=1e-6, atol=1e-7),
+        result.state.params,
+        state.params,
+        direction,
+    )
+    assert np.isfinite(result.metrics["loss"][0])
+    with pytest.raises(ValueError, match="damping"):
+        woodfisher(damping=0.0)
