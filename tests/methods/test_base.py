@@ -92,9 +92,8 @@ def test_one_compilation_for_all_steps():
         lambda: G.salun(fraction=0.5, learning_rate=0.01),  # two phases under lax.switch
         lambda: G.sam(G.npo(beta=0.1, optimizer=optax.adam(1e-3)), rho=0.05),
         lambda: G.l1_sparse(learning_rate=0.01),  # a schedule reading the step
-        lambda: G.scrub(max_epochs=1, learning_rate=0.01),
     ],
-    ids=["salun", "sam+npo", "l1_sparse", "scrub"],
+    ids=["salun", "sam+npo", "l1_sparse"],
 )
 def test_gradient_methods_compile_their_step_once(make):
     counter = {"traces": 0}

@@ -16,7 +16,6 @@ from flax.training.train_state import TrainState
 from unlearn_jax import data
 from unlearn_jax.methods import gradient as G
 from unlearn_jax.methods import objectives as O
-from unlearn_jax.methods import transforms as T
 from unlearn_jax.methods.base import Unlearner, unlearn
 from unlearn_jax.models import get_model, model_task
 from unlearn_jax.task import Task
@@ -249,12 +248,22 @@ def test_class_forgetting_on_digits(digits, name):
     assert forget_acc < 0.05
     assert retain_acc >= retain0 - 0.05
     assert np.all(np.isfinite(result.metrics["loss"]))
+    if name == "salun":  # half of the weights kept, the other half bit-identical
+        mask = result.method_state.transform_states[0].mask
+        kept = sum(int(m.sum()) for m in jax.tree_util.tree_leaves(mask))
+        assert kept == round(0.5 * sum(m.size for m in jax.tree_util.tree_leaves(mask)))
+        for before, after, m in zip(
+            jax.tree_util.tree_leaves(original.params), jax.tree_util.tree_leaves(result.state.params),
+            jax.tree_util.tree_leaves(mask), strict=True,
+        ):  # fmt: skip
+            m = np.asarray(m)
+            np.testing.assert_array_equal(np.asarray(after)[~m], np.asarray(before)[~m])
 
 
 RANDOM_FORGETTING = {
     "finetune": (lambda: G.finetune(learning_rate=0.01), {"epochs": 2}),
     "npo": (lambda: G.npo(optimizer=optax.adam(2e-4)), {"epochs": 2}),
-    "salun": (lambda: G.sam(G.salun(learning_rate=5e-3), rho=0.01), {"epochs": 1}),
+    "salun": (lambda: G.salun(learning_rate=5e-3), {"epochs": 1}),
 }
 
 
@@ -282,29 +291,3 @@ def test_random_forgetting_on_digits_keeps_utility(digits, name):
     assert retain_acc >= retain0 - 0.05
     assert test_acc >= test0 - 0.05
     assert forget_acc <= forget0 + 1e-9  # unlearning never makes the forget set better fitted here
-
-
-def test_saliency_mask_on_digits_keeps_half_and_freezes_the_rest(digits):
-    splits, task, original = digits
-    split = data.class_forget(splits.train, 3)
-    result = unlearn(
-        G.salun(),
-        original,
-        task,
-        split.forget,
-        split.retain,
-        key=jax.random.key(0),
-        steps=5,
-        batch_size=64,
-    )
-    mask = result.method_state.transform_states[0].mask
-    assert isinstance(result.method_state.transform_states[0], T.SaliencyState)
-    kept = sum(int(m.sum()) for m in jax.tree_util.tree_leaves(mask))
-    total = sum(m.size for m in jax.tree_util.tree_leaves(mask))
-    assert kept == round(0.5 * total)
-    for before, after, m in zip(
-        jax.tree_util.tree_leaves(original.params), jax.tree_util.tree_leaves(result.state.params),
-        jax.tree_util.tree_leaves(mask), strict=True,
-    ):  # fmt: skip
-        m = np.asarray(m)
-        np.testing.assert_array_equal(np.asarray(after)[~m], np.asarray(before)[~m])
