@@ -318,3 +318,10 @@ def test_terms_name_the_missing_side_and_the_wrong_task():
     regression = Task(apply=lambda p, x: p["z"][x], kind="regression")
     with pytest.raises(ValueError, match=r"class probabilities.*regression"):
         O.retain_kl().as_objective().init(None, regression, None, None, jax.random.key(0))
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(O, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
