@@ -198,6 +198,54 @@ def _check_finite_loss(metrics: list[Metrics], first_step: int, method: str):
         )
 
 
+def _check_run_inputs(method: Unlearner, forget, retain) -> tuple[int, int]:
+    """Validates the method and the data of a run; returns ``(len(forget), len(retain) or 0)``."""
+    if not isinstance(method, Unlearner):
+        raise TypeError(
+            f"method must be an Unlearner (e.g. unlearn_jax.methods.npo()), got {type(method)}"
+        )
+    n_forget = _sized(forget, "forget")
+    if forget is None or n_forget == 0:
+        raise ValueError(f"{method.name}: the forget set is empty; there is nothing to unlearn.")
+    n_retain = _sized(retain, "retain")
+    if method.needs_retain and (retain is None or n_retain == 0):
+        raise ValueError(
+            f"{method.name} needs retain data (it keeps the model's utility on it), but retain="
+            f"{'None' if retain is None else 'an empty set'} was given."
+        )
+    return n_forget, n_retain
+
+
+def _plan_run(
+    method: Unlearner, n_forget: int, n_retain: int, steps, epochs, batch_size: int
+) -> tuple[Unlearner, int]:
+    """The method to run (after its ``plan``, if any) and the number of ``update`` calls."""
+    _validate.positive_int(batch_size=batch_size)
+    if method.one_shot:
+        if steps is not None or epochs is not None:
+            raise ValueError(f"{method.name} is one-shot: do not pass steps or epochs.")
+        return method, 1
+    else:
+        if (steps is None) == (epochs is None):
+            raise ValueError(f"{method.name} is iterative: pass exactly one of steps= or epochs=.")
+        if steps is not None:
+            _validate.positive_int(steps=steps)
+            total_steps = steps
+        else:
+            _validate.positive(epochs=epochs)
+        if method.plan is not None:
+            info = RunInfo(n_forget, n_retain, batch_size, steps, epochs)
+            method, total_steps = method.plan(info)
+            _validate.positive_int(total_steps=total_steps)
+        elif steps is None:
+            # One epoch is one pass of fixed-size batches over the chosen side; a side smaller than
+            # the batch is seen whole every step, so an epoch is then one step.
+            n_epoch = n_retain if method.epoch_over == "retain" else n_forget
+            total_steps = max(1, math.ceil(epochs * steps_per_pass(n_epoch, batch_size)))
+
+    return method, total_steps
+
+
 def unlearn(
     method: Unlearner,
     state: TrainState,
@@ -237,41 +285,9 @@ def unlearn(
         steps/epochs combination.
       NonFiniteLossError: a step produced a non-finite loss (the message gives the step).
     """
-    if not isinstance(method, Unlearner):
-        raise TypeError(
-            f"method must be an Unlearner (e.g. unlearn_jax.methods.npo()), got {type(method)}"
-        )
-    n_forget = _sized(forget, "forget")
-    if forget is None or n_forget == 0:
-        raise ValueError(f"{method.name}: the forget set is empty; there is nothing to unlearn.")
-    n_retain = _sized(retain, "retain")
-    if method.needs_retain and (retain is None or n_retain == 0):
-        raise ValueError(
-            f"{method.name} needs retain data (it keeps the model's utility on it), but retain="
-            f"{'None' if retain is None else 'an empty set'} was given."
-        )
-    _validate.positive_int(batch_size=batch_size, check_every=check_every)
-    if method.one_shot:
-        if steps is not None or epochs is not None:
-            raise ValueError(f"{method.name} is one-shot: do not pass steps or epochs.")
-        total_steps = 1
-    else:
-        if (steps is None) == (epochs is None):
-            raise ValueError(f"{method.name} is iterative: pass exactly one of steps= or epochs=.")
-        if steps is not None:
-            _validate.positive_int(steps=steps)
-            total_steps = steps
-        else:
-            _validate.positive(epochs=epochs)
-        if method.plan is not None:
-            info = RunInfo(n_forget, n_retain, batch_size, steps, epochs)
-            method, total_steps = method.plan(info)
-            _validate.positive_int(total_steps=total_steps)
-        elif steps is None:
-            # One epoch is one pass of fixed-size batches over the chosen side; a side smaller than
-            # the batch is seen whole every step, so an epoch is then one step.
-            n_epoch = n_retain if method.epoch_over == "retain" else n_forget
-            total_steps = max(1, math.ceil(epochs * steps_per_pass(n_epoch, batch_size)))
+    n_forget, n_retain = _check_run_inputs(method, forget, retain)
+    method, total_steps = _plan_run(method, n_forget, n_retain, steps, epochs, batch_size)
+    _validate.positive_int(check_every=check_every)
 
     init_key, forget_key, retain_key, step_key = jax.random.split(key, 4)
     hparams = dict(method.hparams, steps=total_steps, batch_size=batch_size, epochs=epochs)
@@ -336,6 +352,158 @@ def unlearn(
         {k: np.asarray(jnp.stack([m[k] for m in history])) for k in history[0]} if history else {}
     )
     return UnlearnResult(state, method_state, arrays, wall, total_steps, method.name, hparams)
+
+
+class UnlearnManyResult(NamedTuple):
+    """What :func:`unlearn_many` returns.
+
+    Attributes:
+      states: the ``M`` unlearned models as one stacked ``TrainState`` (leading model axis).
+      metrics: per-step metrics, each ``[M, steps]``.
+      wall_time: seconds for all ``M`` models.
+      steps: ``update`` calls per model.
+      method: the method's name.
+      hparams: as in :class:`UnlearnResult`.
+      vectorised: True when the models ran as one ``vmap``-ed computation; False when the method's
+        ``init`` or ``update`` needs concrete values (host-side logic) and the models ran in a loop.
+    """
+
+    states: TrainState
+    metrics: dict[str, np.ndarray]
+    wall_time: float
+    steps: int
+    method: str
+    hparams: dict
+    vectorised: bool
+
+
+def unlearn_many(
+    method: Unlearner,
+    states: TrainState,
+    task: Task,
+    forget,
+    retain=None,
+    *,
+    key: jax.Array,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 64,
+    check_every: int = 50,
+) -> UnlearnManyResult:
+    """Runs ``method`` on ``M`` stacked models at once (e.g. the originals of several seeds).
+
+    Every model sees the same forget/retain batches (drawn from ``key`` as in :func:`unlearn`);
+    model ``m``'s own randomness (its ``init`` and per-step keys) is ``fold_in(key, m)``-derived.
+    ``init`` and ``update`` are ``vmap``-ed over the model axis and each step is ONE jitted call for
+    all models. Methods whose ``init``/``update`` need concrete values (Python-side bookkeeping, as
+    in analytic unlearning's id records) cannot be traced under ``vmap``; they fall back to a loop
+    of :func:`unlearn` calls, each with ``key`` itself (same batches; per-model keys are then
+    shared), and the result says so (``vectorised=False``).
+
+    Args:
+      method, task, forget, retain, steps, epochs, batch_size, check_every: as in :func:`unlearn`.
+      states: a ``TrainState`` whose leaves carry a leading model axis ``M`` (from
+        :func:`unlearn_jax.training.fit_many`).
+      key: PRNG key.
+
+    Returns:
+      An :class:`UnlearnManyResult`.
+
+    Raises:
+      As :func:`unlearn`; a non-finite loss names the model and the step.
+    """
+    n_forget, n_retain = _check_run_inputs(method, forget, retain)
+    sizes = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(states.params)}
+    if len(sizes) != 1:
+        raise ValueError(f"states must carry one leading model axis; leaf sizes {sorted(sizes)}.")
+    (num_models,) = sizes
+    planned, total_steps = _plan_run(method, n_forget, n_retain, steps, epochs, batch_size)
+    init_key, forget_key, retain_key, step_key = jax.random.split(key, 4)
+    model_keys = lambda base: jax.vmap(lambda m: jax.random.fold_in(base, m))(
+        jnp.arange(num_models)
+    )
+    hparams = dict(planned.hparams, steps=total_steps, batch_size=batch_size, epochs=epochs)
+    start = time.perf_counter()
+    try:
+        method_states = jax.vmap(lambda s, k: planned.init(s, task, forget, retain, k))(
+            states, model_keys(init_key)
+        )
+        vmapped = jax.jit(
+            jax.vmap(
+                lambda s, ms, fb, rb, k: planned.update(s, ms, task, fb, rb, k),
+                in_axes=(0, 0, None, None, 0),
+            )
+        )
+        if planned.one_shot:
+            retain_batch = (
+                retain.as_batch() if (retain is not None and planned.needs_retain) else None
+            )
+            out, _, metrics = vmapped(
+                states, method_states, forget.as_batch(), retain_batch, model_keys(step_key)
+            )
+            history = [metrics]
+        else:
+            states_, method_states = _strongly_typed(states), _strongly_typed(method_states)
+            fs = (
+                fixed_size_batches(forget, batch_size, forget_key)
+                if planned.needs_forget_batches
+                else None
+            )
+            use_retain = retain is not None and n_retain > 0 and planned.needs_retain
+            rs = fixed_size_batches(retain, batch_size, retain_key) if use_retain else None
+            history = []
+            for step in range(total_steps):
+                fb = next(fs) if fs is not None else None
+                rb = next(rs) if rs is not None else None
+                keys = model_keys(jax.random.fold_in(step_key, step))
+                states_, method_states, metrics = vmapped(states_, method_states, fb, rb, keys)
+                history.append(metrics)
+                if len(history) % check_every == 0 or step == total_steps - 1:
+                    _check_finite_many(history, planned.name)
+            out = states_
+        jax.block_until_ready(out)
+        _check_finite_many(history, planned.name)
+        arrays = {k: np.stack([np.asarray(m[k]) for m in history], axis=1) for k in history[0]}
+        wall = time.perf_counter() - start
+        return UnlearnManyResult(out, arrays, wall, total_steps, planned.name, hparams, True)
+    except jax.errors.JAXTypeError:
+        pass  # host-side logic in init/update: run the models one at a time below
+
+    start = time.perf_counter()
+    results = [
+        unlearn(
+            method,
+            jax.tree_util.tree_map(lambda a, m=m: a[m], states),
+            task,
+            forget,
+            retain,
+            key=key,
+            steps=steps,
+            epochs=epochs,
+            batch_size=batch_size,
+            check_every=check_every,
+            progress=False,
+        )
+        for m in range(num_models)
+    ]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[r.state for r in results])
+    arrays = {k: np.stack([r.metrics[k] for r in results]) for k in results[0].metrics}
+    wall = time.perf_counter() - start
+    return UnlearnManyResult(stacked, arrays, wall, results[0].steps, method.name, hparams, False)
+
+
+def _check_finite_many(history: list[Metrics], method: str) -> None:
+    if not history or "loss" not in history[0]:
+        return
+    losses = np.stack([np.asarray(m["loss"]).reshape(-1) for m in history])  # [steps, M]
+    bad = np.argwhere(~np.isfinite(losses))
+    if bad.size:
+        step, model = (int(v) for v in bad[0])
+        raise NonFiniteLossError(
+            f"{method}: the loss of model {model} became {losses[step, model]} at step {step}; "
+            "unlearning was stopped so that no NaN model is returned.",
+            step,
+        )
 
 
 def _strongly_typed(tree):
