@@ -16,6 +16,7 @@ Use :func:`get_model` to build one by name, :func:`model_task` for its :class:`~
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -109,9 +110,22 @@ def model_task(module: nn.Module, kind: str | None = None) -> Task:
       kind: ``"classification"`` or ``"regression"``; defaults to the model's own ``kind``
         (``"regression"`` for :class:`MLPRegressor`, ``"classification"`` otherwise, and for
         modules that do not declare one).
+
+    Returns the same :class:`~unlearn_jax.Task` object for equal modules and kinds, so that
+    training and evaluation steps compiled for one call are reused by the next.
     """
     if kind is None:
         kind = getattr(module, "kind", CLASSIFICATION)
+    try:
+        return _cached_task(module, kind)
+    except TypeError:  # unhashable module attributes: no caching
+        return flax_task(module, kind)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_task(module: nn.Module, kind: str) -> Task:
+    # Equal modules get the same Task object, so jitted steps keyed on the task (static argument)
+    # are compiled once per model configuration rather than once per call.
     return flax_task(module, kind)
 
 

@@ -1,0 +1,796 @@
+r"""Training: create a ``TrainState``, fit one model or many at once (``vmap``), retrain without ids.
+
+One training recipe serves every model this library trains: the original model, the retrained
+oracle (the gold standard of exact unlearning) and the shadow models of membership inference.
+
+The recipe. Each epoch ``e`` draws a permutation of the ``N`` training examples from
+``fold_in(key, e)`` and cuts it into ``S = ceil(N / B)`` batches of ``B`` rows; the last batch is
+padded to ``B`` rows with a mask, so ONE compiled step serves every batch. A step minimises
+
+.. math::
+    L(\theta) = \frac{\sum_{i \in \text{batch}} m_i\, \ell(\theta; x_i, y_i)}
+                     {\max\bigl(\sum_{i \in \text{batch}} m_i,\ 1\bigr)} + R(\theta; \text{batch}, m),
+
+where ``m_i`` is 0 on padding rows and otherwise the example's member weight (1 unless a member mask
+says otherwise), ``ell`` is the task's per-example loss and ``R`` an optional regulariser. A batch
+whose weights are all zero (possible only with member masks) leaves the state untouched, optimizer
+state and step counter included.
+
+Everything is a deterministic function of the keys: the same init key gives the same initial
+parameters, the same data key the same batch order, hence bit-identical results on one machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax.training import train_state as flax_train_state
+
+from unlearn_jax import _validate
+from unlearn_jax.task import CLASSIFICATION, Task
+
+TrainState = flax_train_state.TrainState
+History = dict[str, list[float]]
+Regularizer = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
+
+DEFAULT_EVAL_BATCH_SIZE = 1024
+
+
+class RetrainResult(NamedTuple):
+    """The outcome of :func:`retrain` (and :func:`train_original`).
+
+    Attributes:
+      state: the trained ``TrainState``.
+      history: per-epoch metrics, as returned by :func:`fit`.
+      wall_time: seconds spent in :func:`fit`, measured with ``time.perf_counter`` after
+        ``block_until_ready`` on the final state (compilation of the step included).
+      retained_ids: ``[N - |forget|]`` int64 ids of the examples trained on, in dataset order.
+    """
+
+    state: TrainState
+    history: History
+    wall_time: float
+    retained_ids: np.ndarray
+
+
+# ---- TrainState ----------------------------------------------------------------------------------
+def create_train_state(
+    model: Any, sample_input: Any, optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """Initialises a Flax linen model and an optax optimizer into a ``TrainState``.
+
+    Args:
+      model: a Flax linen module whose only variable collection is ``"params"``.
+      sample_input: a batch of inputs ``[B, ...]`` (``B >= 1``) with the shape of the real inputs,
+        e.g. ``train.x[:1]``; only its shape and dtype matter.
+      optimizer: an optax ``GradientTransformation``.
+      key: the PRNG key of the parameter initialisation.
+
+    Returns:
+      ``TrainState(step=0 (int32 array), params, opt_state, apply_fn=model.apply, tx=optimizer)``.
+
+    Raises:
+      TypeError: if ``optimizer`` is not an optax transformation.
+      ValueError: if ``sample_input`` has no batch axis or is empty, or the model has variable
+        collections besides ``"params"`` (e.g. BatchNorm's ``"batch_stats"``).
+    """
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-3)), got "
+            f"{type(optimizer).__name__}."
+        )
+    shape = np.shape(sample_input)
+    if len(shape) == 0 or shape[0] == 0:
+        raise ValueError(
+            f"sample_input must be a non-empty batch of inputs [B, ...] (e.g. train.x[:1]), got shape "
+            f"{shape}."
+        )
+    try:
+        hash(model)
+    except TypeError:  # a module with unhashable attributes cannot be a static argument
+        variables, apply_fn = model.init(key, sample_input), model.apply
+    else:
+        variables = _init_variables(model, key, jnp.asarray(sample_input))
+        apply_fn = _canonical_apply(model)
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        raise ValueError(
+            f"{type(model).__name__} has variable collections {extra} besides 'params'. unlearn_jax "
+            "trains stateless models only: per-example gradients are undefined for layers that mix "
+            "examples (BatchNorm's 'batch_stats'); use GroupNorm or LayerNorm instead."
+        )
+    if "params" not in variables:
+        raise ValueError(f"{type(model).__name__} has no parameters to train.")
+    state = TrainState.create(apply_fn=apply_fn, params=variables["params"], tx=optimizer)
+    # An int32 array, not the Python int 0: a weakly typed step would retrace the jitted step once.
+    return state.replace(step=jnp.asarray(np.int32(0)))
+
+
+# ---- the jitted pieces ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _canonical_apply(model: Any) -> Callable:
+    # `apply_fn` is a static field of the TrainState, hence part of the jitted step's signature, and
+    # bound methods of two equal modules compare unequal (identity of `self`): one bound method per
+    # module configuration lets equal models share compiled steps.
+    return model.apply
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model: Any, key: jax.Array, sample_input: jax.Array):
+    # Jitted (one compilation per model config and input shape, cached across calls) rather than run
+    # eagerly, which compiles every initialiser operation on its own: seconds for a ResNet.
+    return model.init(key, sample_input)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "batch_size"))
+def _epoch_plan(key: jax.Array, epoch: jax.Array, *, n: int, batch_size: int):
+    """Row indices ``[S, B]`` of an epoch's batches and their validity ``[S, B]`` (False = padding)."""
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    steps = -(-n // batch_size)
+    # Padding rows point at a real row (0) so their loss stays finite; their weight is 0.
+    idx = jnp.zeros((steps * batch_size,), perm.dtype).at[:n].set(perm)
+    valid = jnp.arange(steps * batch_size) < n
+    return idx.reshape(steps, batch_size), valid.reshape(steps, batch_size)
+
+
+def _take_batch(data, idx_row, valid_row):
+    batch = {k: jnp.take(v, idx_row, axis=0) for k, v in data.items()}
+    if "id" in batch:
+        batch["id"] = jnp.where(valid_row, batch["id"], -1)
+    return batch
+
+
+@functools.partial(jax.jit, static_argnames=("task", "regularizer", "many"))
+def _train_step(state, acc, data, weights, idx, valid, step, *, task, regularizer, many):
+    """One optimizer step on batch ``step`` of the epoch plan; ``many`` vmaps over a model axis.
+
+    ``acc`` accumulates the epoch's statistics on the device (so the host syncs once per epoch):
+    the weighted loss sum, the weight total, the regularizer sum and the first step whose loss,
+    regularizer or gradient was not finite (-1 while none).
+    """
+    idx_row, valid_row = idx[step], valid[step]
+    batch = _take_batch(data, idx_row, valid_row)
+
+    def one(state, acc, weights):
+        mask = jnp.where(valid_row, jnp.take(weights, idx_row), jnp.zeros((), weights.dtype))
+        count = jnp.sum(mask)
+
+        def objective(params):
+            losses = task.batch_losses(params, batch)
+            data_loss = jnp.sum(mask * losses) / jnp.maximum(count, 1.0)
+            if regularizer is None:
+                reg = jnp.zeros((), data_loss.dtype)
+            else:
+                reg = regularizer(params, batch, mask)
+                _validate.scalar_output(reg, "regularizer(params, batch, mask)")
+            return data_loss + reg, (data_loss, reg)
+
+        (_, (data_loss, reg)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updated = state.apply_gradients(grads=grads)
+        # A batch without members (member masks only) is no step at all.
+        has_members = count > 0
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(has_members, a, b), updated, state)
+        grads_finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+        finite = jnp.isfinite(data_loss) & jnp.isfinite(reg) & jnp.all(jnp.stack(grads_finite))
+        first_bad = jnp.where((acc["first_bad"] < 0) & ~finite, step, acc["first_bad"])
+        acc = {
+            "loss_sum": acc["loss_sum"] + data_loss * count,
+            "count": acc["count"] + count,
+            "reg_sum": acc["reg_sum"] + reg.astype(acc["reg_sum"].dtype),
+            "first_bad": first_bad.astype(acc["first_bad"].dtype),
+        }
+        return new, acc
+
+    if many:
+        return jax.vmap(one)(state, acc, weights)
+    return one(state, acc, weights)
+
+
+def _zero_acc(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    zeros = np.zeros(shape, np.float32)
+    return {
+        "loss_sum": zeros,
+        "count": zeros,
+        "reg_sum": zeros,
+        "first_bad": np.full(shape, -1, np.int32),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("task", "chunk", "many"))
+def _eval_chunk(params, data, weights, start, *, task, chunk, many):
+    """Weighted sums over rows ``[start, start + chunk)``: loss, metric (correct or squared error)."""
+    n = data["x"].shape[0]
+    rows = start + jnp.arange(chunk)
+    valid = rows < n
+    rows = jnp.minimum(rows, n - 1)
+    batch = {k: jnp.take(v, rows, axis=0) for k, v in data.items()}
+
+    def one(params, weights):
+        w = jnp.where(valid, jnp.take(weights, rows), jnp.zeros((), weights.dtype))
+        outputs = task.batch_outputs(params, batch)
+        losses = task.output_losses(outputs, batch["y"])
+        if task.kind == CLASSIFICATION:
+            metric = (jnp.argmax(outputs, axis=-1) == batch["y"]).astype(losses.dtype)
+        else:
+            err = jnp.square(outputs - batch["y"].reshape(outputs.shape))
+            metric = jnp.mean(err.reshape(chunk, -1), axis=-1)
+        return jnp.stack([jnp.sum(w * losses), jnp.sum(w * metric), jnp.sum(w)])
+
+    if many:
+        return jax.vmap(one)(params, weights)
+    return one(params, weights)
+
+
+# ---- input checks --------------------------------------------------------------------------------
+def _check_dataset(ds: Any, name: str) -> None:
+    for attr in ("x", "y", "ids"):
+        if not hasattr(ds, attr):
+            raise TypeError(
+                f"{name} must be an unlearn_jax.data.Dataset (with x, y, ids), got {type(ds).__name__}."
+            )
+    if len(ds.ids) == 0:
+        raise ValueError(
+            f"{name} ({getattr(ds, 'name', '') or 'dataset'}) is empty; nothing to train on."
+        )
+    sizes = {"x": np.shape(ds.x)[0], "y": np.shape(ds.y)[0], "ids": np.shape(ds.ids)[0]}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name}: x, y and ids disagree on the number of examples: {sizes}.")
+
+
+def _check_task_data(task: Task, params: Any, ds: Any, name: str) -> None:
+    """Static checks that the task's outputs fit the dataset's targets (labels < K, target sizes)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be an unlearn_jax.Task, got {type(task).__name__}.")
+    ds_kind = getattr(ds, "kind", None)
+    if ds_kind is not None and ds_kind != task.kind:
+        raise ValueError(
+            f"the task is {task.kind} but {name} ({getattr(ds, 'name', '')!r}) is {ds_kind}; build the "
+            f"task with kind={ds_kind!r}."
+        )
+    out = jax.eval_shape(
+        task.apply, params, jax.ShapeDtypeStruct((1, *np.shape(ds.x)[1:]), ds.x.dtype)
+    )
+    if len(out.shape) != 2:
+        raise ValueError(
+            f"task.apply must return outputs [B, K], got shape {out.shape} for a batch of 1."
+        )
+    k = out.shape[1]
+    y = np.asarray(ds.y)
+    if task.kind == CLASSIFICATION:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"classification needs integer labels, but {name}.y has dtype {y.dtype}."
+            )
+        hi, lo = int(y.max()), int(y.min())
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"{name} has labels in [{lo}, {hi}] but the model has {k} outputs; labels must lie in "
+                f"[0, {k}). Set num_outputs to the number of classes."
+            )
+    elif int(np.prod(y.shape[1:], dtype=np.int64)) != k:
+        raise ValueError(
+            f"{name} has regression targets of shape {y.shape[1:]} per example but the model has {k} "
+            "outputs; they must have the same size."
+        )
+
+
+def _member_weights(mask: Any, n: int, rows: int | None, name: str) -> np.ndarray:
+    """Validates a member mask ``[N]`` (or ``[M, N]`` when ``rows`` is given) into float32 weights."""
+    expected = (n,) if rows is None else (rows, n)
+    if mask is None:
+        return np.ones(expected, np.float32)
+    w = np.asarray(mask)
+    if w.shape != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} (one weight per training example), got {w.shape}."
+        )
+    if not (w.dtype == np.bool_ or np.issubdtype(w.dtype, np.number)):
+        raise ValueError(f"{name} must be boolean or numeric, got dtype {w.dtype}.")
+    w = w.astype(np.float32)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{name} must hold finite weights >= 0 (1 = member, 0 = non-member).")
+    totals = w.reshape(-1, n).sum(axis=1)
+    if np.any(totals == 0):
+        which = np.flatnonzero(totals == 0).tolist()
+        where = f" (rows {which})" if rows is not None else ""
+        raise ValueError(f"{name} selects no training example{where}; every model needs members.")
+    return w
+
+
+def _check_key(key: Any, name: str, *, batched: bool) -> int | None:
+    arr = key
+    if not isinstance(arr, jax.Array):
+        raise TypeError(
+            f"{name} must be a JAX PRNG key (jax.random.key(0)), got {type(key).__name__}."
+        )
+    typed = jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key)
+    base_ndim = 0 if typed else 1
+    want = base_ndim + (1 if batched else 0)
+    if arr.ndim != want or (not typed and arr.shape[-1] != 2):
+        what = "a stack of keys [M]" if batched else "a single key"
+        raise ValueError(
+            f"{name} must be {what} (from jax.random.key / jax.random.split), got shape {arr.shape} "
+            f"dtype {arr.dtype}."
+        )
+    if batched:
+        if arr.shape[0] == 0:
+            raise ValueError(f"{name} is empty; pass at least one key (one per model).")
+        return int(arr.shape[0])
+    return None
+
+
+# ---- the training loop shared by fit and fit_many -------------------------------------------------
+class _EvalData(NamedTuple):
+    data: dict[str, jax.Array]
+    weights: jax.Array
+    chunk: int
+
+
+def _eval_data(ds: Any, weights: np.ndarray, eval_batch_size: int, data=None) -> _EvalData:
+    data = ds.as_batch() if data is None else data
+    return _EvalData(data, jnp.asarray(weights), min(eval_batch_size, len(ds.ids)))
+
+
+def _evaluate(
+    task: Task, params: Any, ev: _EvalData, *, many: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean loss and metric (accuracy or MSE); ``[M]`` arrays when ``many``, else scalars."""
+    n = ev.data["x"].shape[0]
+    total = None
+    for start in range(0, n, ev.chunk):
+        sums = _eval_chunk(params, ev.data, ev.weights, start, task=task, chunk=ev.chunk, many=many)
+        total = sums if total is None else total + sums
+    total = np.asarray(total, np.float64)
+    return total[..., 0] / total[..., 2], total[..., 1] / total[..., 2]
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
+
+
+def _train(
+    state: TrainState,
+    task: Task,
+    train: Any,
+    weights: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    key: jax.Array,
+    test: Any,
+    regularizer: Regularizer | None,
+    progress: bool | None,
+    eval_batch_size: int,
+    many: bool,
+) -> tuple[TrainState, dict[str, list]]:
+    n = len(train.ids)
+    batch_size = min(batch_size, n)
+    steps = -(-n // batch_size)
+    data = train.as_batch()
+    weights_dev = jnp.asarray(weights)
+    train_eval = _eval_data(train, weights, eval_batch_size, data=data)
+    test_eval = None
+    if test is not None:
+        test_w = np.ones(
+            (_n_models(weights), len(test.ids)) if many else (len(test.ids),), np.float32
+        )
+        test_eval = _eval_data(test, test_w, eval_batch_size)
+
+    metric = "acc" if task.kind == CLASSIFICATION else "mse"
+    history: dict[str, list] = {"loss": [], f"train_{metric}": []}
+    if regularizer is not None:
+        history["regularizer"] = []
+    if test is not None:
+        history[f"test_{metric}"] = []
+
+    bar = tqdm.tqdm(
+        total=epochs * steps,
+        unit="step",
+        desc=f"fit {getattr(train, 'name', '') or 'train'}"
+        + (f" x{_n_models(weights)}" if many else ""),
+        disable=not _progress_enabled(progress),
+        leave=False,
+        file=sys.stderr,
+    )
+    with bar:
+        for epoch in range(epochs):
+            idx, valid = _epoch_plan(key, epoch, n=n, batch_size=batch_size)
+            acc = _zero_acc((_n_models(weights),) if many else ())
+            for s in range(steps):
+                state, acc = _train_step(
+                    state,
+                    acc,
+                    data,
+                    weights_dev,
+                    idx,
+                    valid,
+                    s,
+                    task=task,
+                    regularizer=regularizer,
+                    many=many,
+                )
+                bar.update(1)
+            # One transfer per epoch; the steps above were dispatched without waiting.
+            acc = jax.device_get(acc)
+            _raise_if_not_finite(acc["first_bad"], epoch, epochs, steps, many)
+            history["loss"].append(acc["loss_sum"].astype(np.float64) / acc["count"])
+            if regularizer is not None:
+                history["regularizer"].append(acc["reg_sum"].astype(np.float64) / steps)
+            train_loss, train_metric = _evaluate(task, state.params, train_eval, many=many)
+            if not np.all(np.isfinite(train_loss)):
+                raise FloatingPointError(
+                    f"the parameters became NaN or infinite at the end of epoch {epoch + 1}/{epochs} "
+                    "(every step's loss and gradient were finite, but the training loss of the "
+                    "updated parameters is not); lower the learning rate or clip the gradients."
+                )
+            history[f"train_{metric}"].append(train_metric)
+            if test_eval is not None:
+                history[f"test_{metric}"].append(
+                    _evaluate(task, state.params, test_eval, many=many)[1]
+                )
+            shown = {k: float(np.mean(v[-1])) for k, v in history.items()}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+    return state, history
+
+
+def _n_models(weights: np.ndarray) -> int:
+    return int(weights.shape[0])
+
+
+def _raise_if_not_finite(first_bad: np.ndarray, epoch: int, epochs: int, steps: int, many: bool):
+    bad = np.flatnonzero(np.reshape(first_bad, -1) >= 0)
+    if bad.size == 0:
+        return
+    model = int(bad[0])
+    step = int(np.reshape(first_bad, -1)[model])
+    which = f" of model {model}" if many else ""
+    raise FloatingPointError(
+        f"non-finite training loss, regularizer or gradient{which} at epoch {epoch + 1}/{epochs}, "
+        f"step {step + 1}/{steps}. Lower the learning rate, clip the gradients, or check the "
+        "regularizer."
+    )
+
+
+def _check_finite_params(params: Any) -> None:
+    # On the host: jnp.isfinite here would compile one small program per leaf shape.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                f"state.params{jax.tree_util.keystr(path)} contains NaN or infinite values; fit needs "
+                "finite initial parameters."
+            )
+
+
+def _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress) -> None:
+    _validate.positive_int(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError(
+            f"regularizer must be callable (params, batch, mask) -> scalar, got {regularizer!r}."
+        )
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (auto), got {progress!r}.")
+
+
+# ---- public training functions -------------------------------------------------------------------
+def fit(
+    state: TrainState,
+    task: Task,
+    train: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    key: jax.Array,
+    test: Any = None,
+    regularizer: Regularizer | None = None,
+    member_mask: Any = None,
+    progress: bool | None = None,
+    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+) -> tuple[TrainState, History]:
+    r"""Trains ``state`` on ``train`` for ``epochs`` epochs of mini-batch steps.
+
+    The recipe (see the module docstring): each epoch shuffles with ``fold_in(key, epoch)`` and
+    takes ``ceil(N / B)`` steps on the masked objective
+
+    .. math:: L(\theta) = \frac{\sum_i m_i \ell_i(\theta)}{\max(\sum_i m_i, 1)} + R(\theta; \text{batch}, m),
+
+    one compiled step for every batch (the last, partial one is padded with weight-0 rows). With
+    ``B >= N`` every epoch is one full-batch step (``B`` is clamped to ``N``).
+
+    Args:
+      state: the ``TrainState`` to train (e.g. from :func:`create_train_state`).
+      task: the :class:`~unlearn_jax.Task` giving outputs and per-example losses.
+      train: an :class:`unlearn_jax.data.Dataset` with ``N >= 1`` examples.
+      epochs: number of passes over the data, >= 1.
+      batch_size: ``B``, rows per step, >= 1.
+      key: PRNG key of the batch order (the only randomness in training).
+      test: optional held-out ``Dataset`` evaluated after every epoch.
+      regularizer: optional ``R(params, batch, mask) -> scalar`` added to the mean loss. ``batch`` is
+        the padded batch ``{"x": [B, ...], "y": [B], "id": [B]}`` (padding rows have id -1) and
+        ``mask [B]`` float32 the per-row weights ``m_i`` (0 on padding rows), which ``R`` must respect.
+        ``R`` may itself call ``jax.grad`` (e.g. a gradient-norm penalty): the step differentiates
+        through it (double backpropagation).
+      member_mask: optional ``[N]`` weights ``w_i >= 0`` (bool or 0/1 for membership) in dataset row
+        order; ``m_i = w_i`` on real rows. Non-members (``w_i = 0``) have no influence on training.
+        ``None`` means all ones, and gives exactly the same result as an all-ones mask.
+      progress: show a tqdm bar on stderr: ``None`` (default) only if stderr is a terminal.
+      eval_batch_size: rows per forward pass of the per-epoch evaluation.
+
+    Returns:
+      ``(state, history)``: the trained state and per-epoch metrics, each a list of ``epochs``
+      floats: ``"loss"`` (mean training loss over the epoch's steps, weighted by ``m``; the
+      regularizer excluded), ``"train_acc"`` and ``"test_acc"`` (classification; accuracy of the
+      end-of-epoch parameters over the members, resp. the test set) or ``"train_mse"`` and
+      ``"test_mse"`` (regression; mean over examples and outputs of the squared error), and
+      ``"regularizer"`` (mean over steps) when one is given. ``test_*`` only with ``test``.
+
+    Raises:
+      ValueError: empty data, labels outside ``[0, K)``, task kind not matching the data, bad mask or
+        hyper-parameters.
+      TypeError: a regularizer returning a non-scalar, a non-Task task.
+      FloatingPointError: a non-finite loss (the message gives the epoch and step) or parameters.
+
+    Examples:
+      >>> import optax
+      >>> from unlearn_jax.data import load
+      >>> from unlearn_jax.models import get_model, model_task
+      >>> splits = load("digits")
+      >>> model = get_model("mlp", num_outputs=10)
+      >>> state = create_train_state(model, splits.train.x[:1], optax.adam(1e-3), jax.random.key(0))
+      >>> state, history = fit(state, model_task(model), splits.train, epochs=2, batch_size=32,
+      ...                      key=jax.random.key(1), test=splits.test, progress=False)
+      >>> sorted(history)
+      ['loss', 'test_acc', 'train_acc']
+    """
+    _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress)
+    _check_key(key, "key", batched=False)
+    _check_dataset(train, "train")
+    if test is not None:
+        _check_dataset(test, "test")
+    _check_task_data(task, state.params, train, "train")
+    if test is not None:
+        _check_task_data(task, state.params, test, "test")
+    weights = _member_weights(member_mask, len(train.ids), None, "member_mask")
+    _check_finite_params(state.params)
+    state = state.replace(step=jnp.asarray(np.asarray(state.step, np.int32)))
+    state, history = _train(
+        state,
+        task,
+        train,
+        weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=key,
+        test=test,
+        regularizer=regularizer,
+        progress=progress,
+        eval_batch_size=eval_batch_size,
+        many=False,
+    )
+    return state, {k: [float(v) for v in vs] for k, vs in history.items()}
+
+
+def fit_many(
+    model: Any,
+    task: Task,
+    sample_input: Any,
+    optimizer: optax.GradientTransformation,
+    train: Any,
+    *,
+    keys: jax.Array,
+    epochs: int,
+    batch_size: int,
+    data_key: jax.Array,
+    member_masks: Any = None,
+    test: Any = None,
+    regularizer: Regularizer | None = None,
+    progress: bool | None = None,
+    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+) -> tuple[TrainState, dict[str, np.ndarray]]:
+    r"""Trains ``M = len(keys)`` models as one vectorised computation (``vmap`` over a model axis).
+
+    Model ``j`` is initialised from ``keys[j]`` and trained with :func:`fit`'s recipe on ``train``
+    with member weights ``member_masks[j]``; all models share the batch order drawn from
+    ``data_key``. Up to floating-point reassociation in the batched kernels this equals
+
+    .. code-block:: python
+
+        for j in range(M):
+            fit(create_train_state(model, sample_input, optimizer, keys[j]), task, train,
+                key=data_key, member_mask=member_masks[j], ...)
+
+    which is how shadow models for membership inference (each trained on its own random half of the
+    data) or several seeds of a retrained oracle are trained in one pass.
+
+    Args:
+      model, sample_input, optimizer: as for :func:`create_train_state`.
+      task, epochs, batch_size, test, regularizer, progress, eval_batch_size: as for :func:`fit`.
+      train: the ``Dataset`` of all candidate examples, ``N`` rows.
+      keys: ``M`` PRNG keys, one per model (``jax.random.split(key, M)``).
+      data_key: the PRNG key of the (shared) batch order.
+      member_masks: optional ``[M, N]`` weights (bool or 0/1): row ``j`` selects model ``j``'s
+        members; a non-member has weight 0 in that model's loss. ``None`` means all ones.
+
+    Returns:
+      ``(states, history)``: a ``TrainState`` whose every leaf has a leading model axis ``[M, ...]``
+      (model ``j`` is ``jax.tree_util.tree_map(lambda a: a[j], states)``), and the history of
+      :func:`fit` with each value an array ``[M, epochs]``. ``train_acc`` is over each model's
+      members.
+
+    Raises:
+      As :func:`fit`; the NaN message names the model index.
+    """
+    _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress)
+    m = _check_key(keys, "keys", batched=True)
+    _check_key(data_key, "data_key", batched=False)
+    _check_dataset(train, "train")
+    if test is not None:
+        _check_dataset(test, "test")
+    weights = _member_weights(member_masks, len(train.ids), m, "member_masks")
+    states = jax.vmap(lambda k: create_train_state(model, sample_input, optimizer, k))(keys)
+    params0 = jax.tree_util.tree_map(lambda a: a[0], states.params)
+    _check_task_data(task, params0, train, "train")
+    if test is not None:
+        _check_task_data(task, params0, test, "test")
+    states, history = _train(
+        states,
+        task,
+        train,
+        weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=data_key,
+        test=test,
+        regularizer=regularizer,
+        progress=progress,
+        eval_batch_size=eval_batch_size,
+        many=True,
+    )
+    return states, {k: np.stack(vs, axis=-1) for k, vs in history.items()}
+
+
+def retrain(
+    model: Any,
+    task: Task,
+    sample_input: Any,
+    optimizer: optax.GradientTransformation,
+    train: Any,
+    forget_ids: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    init_key: jax.Array,
+    data_key: jax.Array,
+    test: Any = None,
+    regularizer: Regularizer | None = None,
+    progress: bool | None = None,
+) -> RetrainResult:
+    r"""Exact unlearning by retraining from scratch on ``train`` without ``forget_ids``.
+
+    The same recipe as the original training: ``create_train_state(model, sample_input, optimizer,
+    init_key)`` then :func:`fit` with ``key=data_key`` on ``train.without_ids(forget_ids)``. With the
+    keys of the original run, the only difference between the two is the absence of the forget set
+    (the initial parameters are identical; the batch order is drawn for ``N - |forget|`` rows).
+
+    Guarantees:
+      Exact by construction: the returned model is a draw from the training distribution on the
+      retain set, so it is the reference every approximate method is compared with.
+
+    Args:
+      model, sample_input, optimizer: as for :func:`create_train_state`.
+      task, epochs, batch_size, test, regularizer, progress: as for :func:`fit`.
+      train: the full training ``Dataset``.
+      forget_ids: ids to leave out (every one must be in ``train``; may be empty).
+      init_key: PRNG key of the parameter initialisation.
+      data_key: PRNG key of the batch order.
+
+    Returns:
+      :class:`RetrainResult` ``(state, history, wall_time, retained_ids)``; ``wall_time`` covers
+      :func:`fit` including compilation, after ``block_until_ready``.
+
+    Raises:
+      ValueError: if a forget id is not in ``train``, or nothing would remain.
+    """
+    _check_dataset(train, "train")
+    retain = train.without_ids(forget_ids)
+    if len(retain.ids) == 0:
+        raise ValueError(
+            f"forget_ids remove all {len(train.ids)} examples of {train.name or 'train'}; nothing is "
+            "left to retrain on."
+        )
+    state = create_train_state(model, sample_input, optimizer, init_key)
+    start = time.perf_counter()
+    state, history = fit(
+        state,
+        task,
+        retain,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=data_key,
+        test=test,
+        regularizer=regularizer,
+        progress=progress,
+    )
+    jax.block_until_ready(state)
+    wall_time = time.perf_counter() - start
+    return RetrainResult(state, history, wall_time, np.asarray(retain.ids, np.int64).copy())
+
+
+def train_original(
+    model: Any,
+    task: Task,
+    sample_input: Any,
+    optimizer: optax.GradientTransformation,
+    train: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    init_key: jax.Array,
+    data_key: jax.Array,
+    test: Any = None,
+    regularizer: Regularizer | None = None,
+    progress: bool | None = None,
+) -> RetrainResult:
+    """Trains the original model on all of ``train``: :func:`retrain` with an empty forget set.
+
+    Using this and :func:`retrain` with the same keys makes the original and the retrained oracle
+    differ only by the forget set. ``retained_ids`` lists every training id.
+    """
+    return retrain(
+        model,
+        task,
+        sample_input,
+        optimizer,
+        train,
+        np.zeros((0,), np.int64),
+        epochs=epochs,
+        batch_size=batch_size,
+        init_key=init_key,
+        data_key=data_key,
+        test=test,
+        regularizer=regularizer,
+        progress=progress,
+    )
+
+
+def evaluate_accuracy(
+    task: Task, params: Any, dataset: Any, *, batch_size: int = DEFAULT_EVAL_BATCH_SIZE
+) -> float:
+    r"""Top-1 accuracy :math:`\frac1N \sum_i [\arg\max_k f(x_i)_k = y_i]` of ``params`` on ``dataset``.
+
+    Evaluated in fixed-size chunks of ``batch_size`` rows (one compilation for any dataset size).
+
+    Raises:
+      ValueError: for a regression task, an empty dataset, or labels outside the model's outputs.
+    """
+    _validate.positive_int(batch_size=batch_size)
+    if task.kind != CLASSIFICATION:
+        raise ValueError("evaluate_accuracy needs a classification task; this one is regression.")
+    _check_dataset(dataset, "dataset")
+    _check_task_data(task, params, dataset, "dataset")
+    ev = _eval_data(dataset, np.ones(len(dataset.ids), np.float32), batch_size)
+    return float(_evaluate(task, params, ev, many=False)[1])
+
+
+__all__ = [
+    "RetrainResult",
+    "TrainState",
+    "create_train_state",
+    "evaluate_accuracy",
+    "fit",
+    "fit_many",
+    "retrain",
+    "train_original",
+]
