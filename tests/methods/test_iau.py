@@ -38,11 +38,11 @@ def test_penalty_value_is_alpha_times_sum_of_tensor_norms(small):
     reg = gradient_restriction(task, alpha=0.005)
     # Reference: the gradient of the masked mean loss, then per-tensor L2 norms, by hand.
     real = jax.tree_util.tree_map(lambda a: a[:8], batch)
-    g = jax.grad(lambda p: jnp.mean(task.batch_losses(p, real)))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.mean(task.batch_losses(p, real))))(params)
     want = 0.005 * sum(
         float(np.linalg.norm(np.asarray(t).ravel())) for t in jax.tree_util.tree_leaves(g)
     )
-    assert float(reg(params, batch, mask)) == pytest.approx(want, rel=1e-12)
+    assert float(jax.jit(reg)(params, batch, mask)) == pytest.approx(want, rel=1e-12)
     assert len(jax.tree_util.tree_leaves(g)) == 4  # four tensors, four norms
 
 
@@ -52,12 +52,13 @@ def test_penalty_is_differentiated_through_double_backprop(small):
     params = jax.tree_util.tree_map(jnp.asarray, params)
     mask = jnp.ones(10)
     reg = gradient_restriction(task, alpha=1.0)
-    grad = jax.grad(lambda p: reg(p, batch, mask))(params)
+    grad = jax.jit(jax.grad(lambda p: reg(p, batch, mask)))(params)
     flat_grad, unravel = jax.flatten_util.ravel_pytree(grad)
+    value = jax.jit(lambda fp: reg(unravel(fp), batch, mask))
     assert float(jnp.linalg.norm(flat_grad)) > 1e-3
     flat_params = jax.flatten_util.ravel_pytree(params)[0]
     direction = jax.random.normal(jax.random.key(0), flat_params.shape, jnp.float64)
-    f = lambda t: float(reg(unravel(flat_params + t * direction), batch, mask))
+    f = lambda t: float(value(flat_params + t * direction))
     h = 1e-5
     finite_difference = (f(h) - f(-h)) / (2 * h)
     assert float(flat_grad @ direction) == pytest.approx(finite_difference, rel=1e-6)
@@ -66,7 +67,7 @@ def test_penalty_is_differentiated_through_double_backprop(small):
         g = jax.lax.stop_gradient(jax.grad(lambda q: jnp.mean(task.batch_losses(q, batch)))(p))
         return sum(jnp.linalg.norm(t) for t in jax.tree_util.tree_leaves(g))
 
-    frozen_grad = jax.flatten_util.ravel_pytree(jax.grad(frozen)(params))[0]
+    frozen_grad = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(frozen))(params))[0]
     assert float(jnp.linalg.norm(frozen_grad)) == 0.0
 
 
@@ -79,7 +80,7 @@ def test_penalty_gradient_is_finite_at_a_zero_tensor_gradient():
         "y": jnp.zeros(5, jnp.int32),
     }  # relu is dead: grads of w1, w2 = 0
     reg = gradient_restriction(task, alpha=0.005)
-    grad = jax.grad(lambda p: reg(p, batch, jnp.ones(5)))(params)
+    grad = jax.jit(jax.grad(lambda p: reg(p, batch, jnp.ones(5))))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grad))
 
 
@@ -108,7 +109,7 @@ def test_iau_is_one_adam_step_on_retain_minus_forget_gradient():
     # Reference: full-batch gradients by jax.grad and Adam's first step written out:
     # m = (1 - b1) g, v = (1 - b2) g^2, m_hat = g, v_hat = g^2, step = -lr g / (|g| + eps).
     loss = lambda p, ds: task.batch_loss(p, {"x": jnp.asarray(ds.x), "y": jnp.asarray(ds.y)})
-    g = jax.grad(lambda p: loss(p, split.retain) - loss(p, split.forget))(state.params)
+    g = jax.jit(jax.grad(lambda p: loss(p, split.retain) - loss(p, split.forget)))(state.params)
     want = jax.tree_util.tree_map(
         lambda p, gi: p - 1e-3 * gi / (jnp.abs(gi) + 1e-8), state.params, g
     )

@@ -19,6 +19,7 @@ from unlearn_jax.methods.influence import (
 )
 from unlearn_jax.models import get_model, model_task
 from unlearn_jax.solvers import SolverDidNotConverge
+from unlearn_jax.task import Task
 from unlearn_jax.training import create_train_state
 
 L2 = 1e-2
@@ -53,7 +54,9 @@ def test_original_is_at_the_optimum(logreg):
     splits, task, state = logreg
     batch = splits.train.as_batch()
     reg = l2_regularizer(L2)
-    grad = jax.grad(lambda p: task.batch_loss(p, batch) + reg(p, batch, None))(state.params)
+    grad = jax.jit(jax.grad(lambda p: task.batch_loss(p, batch) + reg(p, batch, None)))(
+        state.params
+    )
     assert float(optax.tree.norm(grad)) < 1e-9
 
 
@@ -102,45 +105,45 @@ def test_system_matches_explicit_hessian():
     """b and (A + damping I) agree with jax.hessian on a small problem, for every curvature."""
     params, batch, _, logits_fn = logistic_problem(n=12, d=4, classes=3, dtype=jnp.float64)
 
-    class SmallTask:  # a Task-like bundle around the plain-JAX problem
-        kind = "classification"
-
-        @staticmethod
-        def loss(p, ex):
-            return -jax.nn.log_softmax(logits_fn(p, ex))[ex["y"]]
-
-        @staticmethod
-        def outputs(p, ex):
-            return logits_fn(p, ex)
+    del logits_fn
+    small = Task(apply=lambda p, x: x @ p["w"] + p["b"][None])
 
     n, n_f, mu, delta = 12, 3, 0.3, 0.01
     forget = jax.tree_util.tree_map(lambda a: a[:n_f], batch)
     retain = jax.tree_util.tree_map(lambda a: a[n_f:], batch)
     flat_params, unravel = jax.flatten_util.ravel_pytree(params)
-    per_example = lambda fp, data: jax.vmap(SmallTask.loss, in_axes=(None, 0))(unravel(fp), data)
-    h_retain = jax.hessian(lambda fp: jnp.mean(per_example(fp, retain)))(flat_params)
+    per_example = lambda fp, data: jax.vmap(small.loss, in_axes=(None, 0))(unravel(fp), data)
+    h_retain = jax.jit(jax.hessian(lambda fp: jnp.mean(per_example(fp, retain))))(flat_params)
     a = ((n - n_f) / n) * h_retain + (delta + mu * (n - n_f) / n) * np.eye(flat_params.size)
     v = unravel(jax.random.normal(jax.random.key(0), flat_params.shape, jnp.float64))
-    setup = removal_system(SmallTask, params, forget, retain, l2=mu, damping=delta)
-    got = flat(setup.matvec(v)) + setup.damping * flat(v)
+
+    def system(**options):
+        """(b, A v + damping v) of removal_system, in one jitted call."""
+
+        @jax.jit
+        def run(v):
+            st = removal_system(small, params, forget, retain, **options)
+            return flat(st.b), flat(st.matvec(v)) + st.damping * flat(v)
+
+        return run(v)
+
+    b, got = system(l2=mu, damping=delta)
     np.testing.assert_allclose(got, a @ flat(v), rtol=1e-10)
-    g_forget = jax.jacobian(lambda fp: per_example(fp, forget))(flat_params)  # [n_f, P]
+    g_forget = jax.jit(jax.jacobian(lambda fp: per_example(fp, forget)))(flat_params)  # [n_f, P]
     want_b = (n_f / n) * (np.mean(g_forget, 0) + mu * flat_params)
-    np.testing.assert_allclose(flat(setup.b), want_b, rtol=1e-10)
+    np.testing.assert_allclose(b, want_b, rtol=1e-10)
     # GGN equals the Hessian for a linear model with softmax cross-entropy.
-    ggn = removal_system(SmallTask, params, forget, retain, curvature="ggn", l2=mu)
-    np.testing.assert_allclose(flat(ggn.matvec(v)), flat(setup.matvec(v)), rtol=1e-10)
+    _, ggn = system(curvature="ggn", l2=mu, damping=delta)
+    np.testing.assert_allclose(ggn, got, rtol=1e-10)
     # Empirical Fisher: (1/B) sum_i g_i g_i^T v, against explicit per-example gradients.
-    g_retain = np.asarray(jax.jacobian(lambda fp: per_example(fp, retain))(flat_params))
-    fv = empirical_fisher_vp(SmallTask.loss, params, retain, v, chunk_size=4)
+    g_retain = np.asarray(jax.jit(jax.jacobian(lambda fp: per_example(fp, retain)))(flat_params))
+    fv = jax.jit(lambda v: empirical_fisher_vp(small.loss, params, retain, v, chunk_size=4))(v)
     np.testing.assert_allclose(flat(fv), g_retain.T @ (g_retain @ flat(v)) / (n - n_f), rtol=1e-10)
     # And the all-data variant adds the forget set's curvature.
-    all_data = removal_system(SmallTask, params, forget, retain, hessian_data="all", l2=mu)
-    h_all = jax.hessian(lambda fp: jnp.mean(per_example(fp, batch)))(flat_params)
+    _, all_data = system(hessian_data="all", l2=mu)
+    h_all = jax.jit(jax.hessian(lambda fp: jnp.mean(per_example(fp, batch))))(flat_params)
     np.testing.assert_allclose(
-        flat(all_data.matvec(v)) + all_data.damping * flat(v),
-        (h_all + mu * np.eye(h_all.shape[0])) @ flat(v),
-        rtol=1e-10,
+        all_data, (h_all + mu * np.eye(h_all.shape[0])) @ flat(v), rtol=1e-10
     )
 
 
@@ -176,3 +179,17 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="unknown hessian_data"):
         influence_removal(solver="dense", hessian_data="forget")
     assert influence_removal(solver="dense").needs_retain
+
+
+def test_one_compilation_serves_every_split(logreg):
+    """Retrace guard: sizes enter through masks, so deletions of any size reuse one program."""
+    from unlearn_jax.methods import influence
+
+    splits, task, state = logreg
+    method = influence_removal(solver="cg", l2=L2, tol=3e-7)  # a configuration no other test uses
+    before = influence._solve._cache_size()
+    for fraction, seed in ((0.01, 3), (0.05, 4), (0.2, 5)):
+        split = data.random_forget(splits.train, fraction, seed=seed)
+        result = unlearn(method, state, task, split.forget, split.retain, key=jax.random.key(0))
+        assert bool(result.metrics["ihvp/converged"][0])
+    assert influence._solve._cache_size() == before + 1

@@ -150,7 +150,7 @@ def test_importance_estimators_match_direct_computation(digits_setup):
     forget = split.forget
     batch = forget.as_batch()
     n = len(forget)
-    grads = jax.vmap(jax.grad(task.loss), in_axes=(None, 0))(state.params, batch)
+    grads = jax.jit(jax.vmap(jax.grad(task.loss), in_axes=(None, 0)))(state.params, batch)
     fisher = importances(task, state.params, forget, estimator="fisher", batch_size=50)
     jax.tree_util.tree_map(
         lambda got, g: np.testing.assert_allclose(
@@ -177,7 +177,7 @@ def test_importance_estimators_match_direct_computation(digits_setup):
     }
     # Label-free: mean |grad ||f(x)||^2|, and labels are never read.
     sq_norm = lambda p, ex: jnp.sum(jnp.square(task.outputs(p, ex)))
-    lf_grads = jax.vmap(jax.grad(sq_norm), in_axes=(None, 0))(state.params, batch)
+    lf_grads = jax.jit(jax.vmap(jax.grad(sq_norm), in_axes=(None, 0)))(state.params, batch)
     lf = importances(task, state.params, forget, label_free=True)
     jax.tree_util.tree_map(
         lambda got, g: np.testing.assert_allclose(

@@ -354,9 +354,10 @@ def certified_fit(
     s = jnp.asarray(_signs(y, k), dtype)
     cols = s.shape[1]
     b = sigma * jax.random.normal(key, (d, cols), dtype)
+    # Zero rows (see _pad_rows) add a constant to the objective and nothing to its derivatives.
     w, grad_norm = _newton_fit(
-        jnp.asarray(x, dtype),
-        s,
+        jnp.asarray(_pad_rows(x), dtype),
+        jnp.asarray(_pad_rows(np.asarray(s)), dtype),
         jnp.asarray(lam * n, dtype),
         b,
         jnp.zeros((d, cols), dtype),

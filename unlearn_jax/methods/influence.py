@@ -57,7 +57,7 @@ from unlearn_jax.curvature import ggn_vp, hvp
 from unlearn_jax.grads import check_loss_fn, mean_grad, sum_over_chunks
 from unlearn_jax.methods.base import Unlearner
 from unlearn_jax.solvers import InverseHVPResult, SolverDidNotConverge, inverse_hvp
-from unlearn_jax.task import CLASSIFICATION, Task
+from unlearn_jax.task import Task
 
 Params = Any
 CURVATURES = ("hessian", "ggn", "fisher")
@@ -104,14 +104,67 @@ def empirical_fisher_vp(loss_fn, params: Params, batch, v: Params, *, chunk_size
     return jax.tree_util.tree_map(lambda t: t / size, total)
 
 
+def _weighted_loss(task: Task):
+    """``w * l(z)`` for an example carrying a 0/1 weight ``"w"``."""
+
+    def loss(params, example):
+        return example["w"] * task.loss(params, example)
+
+    return loss
+
+
 def _curvature_vp(curvature: str, task: Task, params, batch, v, chunk_size):
-    """Mean curvature of the data loss over ``batch`` times ``v`` (no L2 term)."""
+    """``(1/B) sum_i w_i C_i v`` over a batch whose examples carry 0/1 weights ``"w"``.
+
+    ``C_i`` is example ``i``'s curvature: its Hessian, its GGN ``J^T H_out J``, or ``g_i g_i^T``
+    (the weights enter squared there, hence 0/1 weights).
+    """
     if curvature == "hessian":
-        return hvp(task.loss, params, batch, v, chunk_size=chunk_size)
+        return hvp(_weighted_loss(task), params, batch, v, chunk_size=chunk_size)
     if curvature == "ggn":
-        loss = "cross_entropy" if task.kind == CLASSIFICATION else "mse"
-        return ggn_vp(task.outputs, params, batch, v, loss=loss, chunk_size=chunk_size)
-    return empirical_fisher_vp(task.loss, params, batch, v, chunk_size=chunk_size)
+
+        def output_loss(outputs, example):
+            return example["w"] * task.output_losses(outputs[None], example["y"][None])[0]
+
+        return ggn_vp(task.outputs, params, batch, v, loss=output_loss, chunk_size=chunk_size)
+    return empirical_fisher_vp(_weighted_loss(task), params, batch, v, chunk_size=chunk_size)
+
+
+class _WeightedSystem(NamedTuple):
+    matvec: Any  # v -> (1/n) sum_i c_i C_i v (data part)
+    b: Params
+    damping: jax.Array  # delta + mu * sum(c) / n
+
+
+def _weighted_system(
+    task, params, batch, forget_w, curvature_w, damping, l2, *, curvature, chunk_size
+) -> _WeightedSystem:
+    """The removal system over ONE batch of all ``n`` training examples with 0/1 masks.
+
+    ``forget_w`` marks D_f, ``curvature_w`` the Hessian data S. Every size enters through the masks
+    (traced values), so one compiled program serves every forget/retain split of the same data.
+    """
+    n = _validate.batch_size(batch, "batch")
+    xy = {"x": batch["x"], "y": batch["y"]}
+    forget_grad = mean_grad(_weighted_loss(task), params, {**xy, "w": forget_w})  # (1/n) sum_f g_i
+    frac_forget = jnp.sum(forget_w) / n
+    b = jax.tree_util.tree_map(lambda g, p: g + (frac_forget * l2) * p, forget_grad, params)
+    curvature_batch = {**xy, "w": curvature_w}
+
+    def matvec(v):
+        return _curvature_vp(curvature, task, params, curvature_batch, v, chunk_size)
+
+    return _WeightedSystem(matvec, b, damping + l2 * jnp.sum(curvature_w) / n)
+
+
+def _combine(forget_batch, retain_batch, hessian_data: str):
+    """One batch of D_f then D_r (``x``, ``y`` only) and the forget and curvature masks."""
+    n_f = _validate.batch_size(forget_batch, "forget_batch")
+    n_r = _validate.batch_size(retain_batch, "retain_batch")
+    batch = {k: jnp.concatenate([forget_batch[k], retain_batch[k]]) for k in ("x", "y")}
+    forget_w = jnp.concatenate([jnp.ones(n_f), jnp.zeros(n_r)])
+    curvature_w = forget_w * 0 + 1 if hessian_data == "all" else 1 - forget_w
+    return batch, forget_w, curvature_w
 
 
 class InfluenceSetup(NamedTuple):
@@ -139,30 +192,20 @@ def removal_system(
 
     ``matvec(v) = (1/n) sum_{i in S} curvature_i v`` (the data part only) and ``damping`` is
     :math:`\delta + \mu |S| / n`; ``b = (1/n) sum_{i in D_f} grad(l_i + mu/2 ||theta||^2)``.
-    Jit-able (the sizes are static).
+    Jit-able.
     """
+    _validate.one_of("curvature", curvature, CURVATURES)
+    _validate.one_of("hessian_data", hessian_data, HESSIAN_DATA)
     n_f = _validate.batch_size(forget_batch, "forget_batch")
     n_r = _validate.batch_size(retain_batch, "retain_batch")
-    n = n_f + n_r
-    forget_grad = mean_grad(task.loss, params, forget_batch)
-    b = jax.tree_util.tree_map(lambda g, p: (n_f / n) * (g + l2 * p), forget_grad, params)
-    if hessian_data == "retain":
-        parts = [(n_r / n, retain_batch)]
-        n_s = n_r
-    else:
-        parts = [(n_r / n, retain_batch), (n_f / n, forget_batch)]
-        n_s = n
-
-    def matvec(v):
-        total = None
-        for weight, batch in parts:
-            term = optax.tree.scale(
-                weight, _curvature_vp(curvature, task, params, batch, v, chunk_size)
-            )
-            total = term if total is None else optax.tree.add(total, term)
-        return total
-
-    return InfluenceSetup(matvec, b, float(damping + l2 * n_s / n), n)
+    n, n_s = n_f + n_r, (n_r if hessian_data == "retain" else n_f + n_r)
+    batch, forget_w, curvature_w = _combine(forget_batch, retain_batch, hessian_data)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    system = _weighted_system(
+        task, params, batch, forget_w.astype(dtype), curvature_w.astype(dtype), damping, l2,
+        curvature=curvature, chunk_size=chunk_size,
+    )  # fmt: skip
+    return InfluenceSetup(system.matvec, system.b, float(damping + l2 * n_s / n), n)
 
 
 def estimate_top_eigenvalue(
@@ -185,22 +228,56 @@ def estimate_top_eigenvalue(
     return jnp.vdot(v, apply(v))
 
 
-# Module-level jitted pieces with the configuration static: a repeated request of the same shape and
-# configuration (e.g. a stream of deletions of equal size) reuses the compiled program.
-@functools.partial(jax.jit, static_argnames=("task", "system_options"))
-def _lissa_auto_scale(params, forget_batch, retain_batch, key, *, task, system_options):
-    st = removal_system(task, params, forget_batch, retain_batch, **dict(system_options))
-    damped = lambda v: optax.tree.add_scale(st.matvec(v), st.damping, v)
+# Module-level jitted pieces, configuration static and every size traced (through the masks): all
+# deletion requests on the same training set share one compiled program per configuration.
+_STATIC = ("task", "curvature", "chunk_size")
+_TINY = 1e-30  # a normal float32 number, negligible next to any curvature
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _top_eigenvalue(params, batch, forget_w, curvature_w, damping, l2, key, **static):
+    system = _weighted_system(task=static["task"], params=params, batch=batch, forget_w=forget_w,
+                              curvature_w=curvature_w, damping=damping, l2=l2,
+                              curvature=static["curvature"], chunk_size=static["chunk_size"])  # fmt: skip
+    damped = lambda v: optax.tree.add_scale(system.matvec(v), system.damping, v)
     return estimate_top_eigenvalue(damped, params, key)
 
 
-@functools.partial(jax.jit, static_argnames=("task", "system_options", "solver_options", "scale"))
-def _solve(params, forget_batch, retain_batch, *, task, system_options, solver_options, scale):
-    st = removal_system(task, params, forget_batch, retain_batch, **dict(system_options))
-    result = inverse_hvp(
-        st.matvec, st.b, damping=st.damping, params_like=params, **dict(solver_options)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "solver", "tol", "maxiter", "depth"))
+def _solve(
+    params, batch, forget_w, curvature_w, damping, l2, lissa_scale, step_scale, *, task,
+    curvature, chunk_size, solver, tol, maxiter, depth,
+):  # fmt: skip
+    system = _weighted_system(
+        task, params, batch, forget_w, curvature_w, damping, l2, curvature=curvature,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    total = lambda v: optax.tree.add_scale(system.matvec(v), system.damping, v)
+    # inverse_hvp takes the damping as a concrete number, but here it depends on the (traced) sizes.
+    # So the whole damped operator is the matvec, and the solver's own damping is a negligible
+    # TINY that the matvec subtracts again (cg and lissa insist on damping > 0).
+    tiny = _TINY
+    if solver == "dense":
+        result = inverse_hvp(total, system.b, method="dense", params_like=params)
+    elif solver == "cg":
+        shifted = lambda v: optax.tree.add_scale(total(v), -tiny, v)
+        result = inverse_hvp(
+            shifted, system.b, method="cg", damping=tiny, tol=tol, maxiter=maxiter,
+            params_like=params,
+        )  # fmt: skip
+    else:
+        # LiSSA with scale s on (A, b) is LiSSA with scale 1 on (A / s, b / s): s may be traced.
+        scaled = lambda v: optax.tree.add_scale(
+            optax.tree.scale(1.0 / lissa_scale, total(v)), -tiny, v
+        )
+        result = inverse_hvp(
+            scaled, optax.tree.scale(1.0 / lissa_scale, system.b), method="lissa", damping=tiny,
+            tol=tol, scale=1.0, depth=depth, params_like=params,
+        )  # fmt: skip
+        result = result._replace(residual_norm=result.residual_norm * lissa_scale)
+    new = jax.tree_util.tree_map(
+        lambda p, x: (p + step_scale * x).astype(p.dtype), params, result.x
     )
-    new = jax.tree_util.tree_map(lambda p, x: (p + scale * x).astype(p.dtype), params, result.x)
     return new, result
 
 
@@ -275,13 +352,6 @@ def influence_removal(
             f"solver={solver!r} needs a positive definite system: pass damping > 0, or l2 > 0 if the "
             "model was trained with an L2 term, or use solver='dense'."
         )
-    options = dict(
-        curvature=curvature,
-        hessian_data=hessian_data,
-        damping=damping,
-        l2=l2,
-        chunk_size=chunk_size,
-    )
 
     def init(train_state, task, forget, retain, key):
         del train_state, task, forget, retain, key
@@ -291,40 +361,30 @@ def influence_removal(
         del method_state
         params = train_state.params
         _validate.finite(params, "train_state.params")
-        system_options = tuple(sorted(options.items()))
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        batch, forget_w, curvature_w = _combine(forget_batch, retain_batch, hessian_data)
+        forget_w, curvature_w = forget_w.astype(dtype), curvature_w.astype(dtype)
+        static = dict(task=task, curvature=curvature, chunk_size=chunk_size)
+        args = (
+            params,
+            batch,
+            forget_w,
+            curvature_w,
+            jnp.asarray(damping, dtype),
+            jnp.asarray(l2, dtype),
+        )
         s = lissa_scale
         if solver == "lissa" and lissa_scale == "auto":
-            s = float(
-                _lissa_auto_scale(
-                    params,
-                    forget_batch,
-                    retain_batch,
-                    key,
-                    task=task,
-                    system_options=system_options,
-                )
-            )
+            s = float(_top_eigenvalue(*args, key, **static))
             if not (math.isfinite(s) and s > 0):
                 raise FloatingPointError(
                     f"lissa_scale='auto' estimated the largest eigenvalue as {s}; the curvature is "
                     "not positive definite. Use curvature='ggn' or 'fisher', or more damping."
                 )
-        solver_options = (
-            ("method", solver),
-            ("tol", tol),
-            ("maxiter", maxiter),
-            ("scale", float(s)),
-            ("depth", lissa_depth),
-        )
         new_params, result = _solve(
-            params,
-            forget_batch,
-            retain_batch,
-            task=task,
-            system_options=system_options,
-            solver_options=solver_options,
-            scale=scale,
-        )
+            *args, jnp.asarray(float(s) if solver == "lissa" else 1.0, dtype), jnp.asarray(scale, dtype),
+            solver=solver, tol=tol, maxiter=maxiter, depth=lissa_depth, **static,
+        )  # fmt: skip
         if throw and not bool(result.converged):
             raise SolverDidNotConverge(
                 f"influence removal: inverse_hvp(method={solver!r}) stopped after "

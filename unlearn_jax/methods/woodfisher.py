@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -62,6 +63,13 @@ def woodbury_inverse_vp(grads: jax.Array, v: jax.Array, damping: float) -> jax.A
     chol = jnp.linalg.cholesky(gram)
     y = jax.scipy.linalg.cho_solve((chol, True), grads @ v)
     return (v - grads.T @ y) / damping
+
+
+@functools.partial(jax.jit, static_argnames=("task", "chunk_size"))
+def _woodbury_direction(params, sample, v, damping, *, task, chunk_size):
+    grads = per_example_grads(task.loss, params, sample, chunk_size=chunk_size)
+    matrix = jax.vmap(lambda g: jax.flatten_util.ravel_pytree(g)[0])(grads)  # [N, P]
+    return woodbury_inverse_vp(matrix, v, damping)
 
 
 class WoodFisherState(NamedTuple):
@@ -108,9 +116,7 @@ def woodfisher_direction(
     count = min(num_grads, n_r)
     rows = np.asarray(jax.random.choice(key, n_r, (count,), replace=False))
     sample = {k: jnp.asarray(a) for k, a in retain.take(rows).as_batch().items() if k != "id"}
-    grads = per_example_grads(task.loss, params, sample, chunk_size=chunk_size)
-    matrix = jax.vmap(lambda g: jax.flatten_util.ravel_pytree(g)[0])(grads)  # [N, P]
-    direction = jax.jit(woodbury_inverse_vp)(matrix, v, damping)
+    direction = _woodbury_direction(params, sample, v, damping, task=task, chunk_size=chunk_size)
     return WoodFisherState(unravel(direction), jnp.linalg.norm(v), count)
 
 
