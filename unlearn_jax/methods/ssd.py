@@ -29,6 +29,15 @@ outputs, :math:`\ell(x) = \lVert f(x) \rVert_2^2`, and the squared gradients by 
 (:math:`\frac1N \sum_i |g_i|`, or :math:`\frac1M \sum_m |\bar g_m|` with ``"batch_mean"``), so no
 labels are needed at all.
 
+Choosing alpha. With a per-example estimator the training-set importance contains the forget set,
+:math:`I_D = (n_r I_r + n_f I_f)/n \ge (n_f/n) I_f`, so :math:`[I_f]_j > \alpha [I_D]_j` is
+impossible once :math:`\alpha \ge n / n_f`: the paper's :math:`\alpha = 10` selects nothing when
+one class of ten is forgotten (:func:`ssd` warns). The reference code's batch-mean estimator escapes
+this bound because a forget batch's mean gradient is coherent while the forget examples are diluted
+in the mixed training batches; the paper's published settings come from it. With the per-example
+Fisher, :math:`\alpha = 5, \lambda = 0.1` forgets a digits class (tests and
+``experiments/digits_curvature_methods.py``).
+
 Edge cases, by construction of the strict inequality:
 
 * a parameter with zero forget importance (:math:`[I_f]_j = 0`) is never selected, so it never
@@ -55,6 +64,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -445,13 +455,16 @@ def ssd(
       :math:`I_D`, which can be cached at training time.
 
     Args:
-      alpha: selection weighting :math:`\alpha > 0` (paper: 10 for CIFAR ResNet-18).
+      alpha: selection weighting :math:`\alpha > 0` (paper: 10 for CIFAR ResNet-18, with the
+        batch-mean estimator; with the per-example Fisher it must be below :math:`n/n_f`, see the
+        module docstring).
       lam: dampening constant :math:`\lambda > 0` (paper: 1).
       importance: ``"fisher"`` (per-example, the paper's definition) or ``"batch_mean"`` (the
         reference code's).
       label_free: LFSSD (see :func:`lfssd`).
-      full_importances: cached :math:`I_D` from :func:`full_data_importances`; must be of the same
-        estimator and label-freeness. When given, no retain data is read.
+      full_importances: cached :math:`I_D` from :func:`full_data_importances` (or the ``full`` field
+        of a previous run's method state, :class:`SSDState`); must be of the same estimator and
+        label-freeness. When given, no retain data is read.
       forget_batch_size: batch size of the forget pass (reference: 128).
       full_batch_size: batch size of the training-set pass (reference: 64).
       chunk_size: per-example gradients computed this many at a time.
@@ -487,6 +500,21 @@ def ssd(
         check_importances(full_importances.values, "full_importances")
         full_batch_size = full_importances.batch_size
     name = "lfssd" if label_free else "ssd"
+
+    def _warn_if_nothing_selectable(forget_imp, full):
+        if importance != "fisher" or full.num_examples <= 0:
+            return
+        bound = full.num_examples / forget_imp.num_examples
+        if alpha >= bound:
+            warnings.warn(
+                f"{name}: alpha={alpha} >= n / n_f = {full.num_examples} / "
+                f"{forget_imp.num_examples} = {bound:.3g}; with per-example importances I_D >= "
+                "(n_f / n) I_f, so no parameter can be selected and the model will not change. Use "
+                f"alpha < {bound:.3g} (e.g. alpha=5, lam=0.1 for one class of ten) or "
+                "importance='batch_mean' (the reference code's estimator).",
+                stacklevel=2,
+            )
+
     estimate = dict(estimator=importance, label_free=label_free, chunk_size=chunk_size)
 
     def init(train_state, task, forget, retain, key):
@@ -495,6 +523,7 @@ def ssd(
         forget_imp = importances(task, params, forget, batch_size=forget_batch_size, **estimate)
         if full_importances is not None:
             _validate.same_structure(params, full_importances.values, "params", "full_importances")
+            _warn_if_nothing_selectable(forget_imp, full_importances)
             return SSDState(forget_imp, full_importances)
         if retain is None:
             raise ValueError(
@@ -510,6 +539,7 @@ def ssd(
                 _as_batches(forget, full_batch_size, "forget")[0]
             )
             full = importances(task, params, both, batch_size=full_batch_size, **estimate)
+        _warn_if_nothing_selectable(forget_imp, full)
         return SSDState(forget_imp, full)
 
     def update(train_state, method_state, task, forget_batch, retain_batch, key):
