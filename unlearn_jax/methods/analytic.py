@@ -38,8 +38,8 @@ The same head is available as an :class:`~unlearn_jax.methods.base.Unlearner` (:
 reads the features from a model's ``features`` method and writes ``W`` into its ``"head"`` layer.
 
 References:
-  Tang, Zhuang, et al. "Analytic Continual Unlearning for Efficient and Controllable Data Removal"
-  (ACU), 2025; Zhuang et al. "ACIL: Analytic Class-Incremental Learning with Absolute Memorization
+  "ACU: Analytic Continual Unlearning for Efficient and Exact Forgetting with Privacy
+  Preservation", 2025; Zhuang et al. "ACIL: Analytic Class-Incremental Learning with Absolute Memorization
   and Privacy Protection", NeurIPS 2022 (the recursive analytic-learning update).
 """
 
@@ -550,8 +550,8 @@ def acu(
       An :class:`Unlearner` named ``"acu"``.
 
     References:
-      Tang, Zhuang, et al. "Analytic Continual Unlearning for Efficient and Controllable Data
-      Removal", 2025.
+      "ACU: Analytic Continual Unlearning for Efficient and Exact Forgetting with Privacy
+      Preservation", 2025.
     """
     if head is not None and not isinstance(head, AnalyticHead):
         raise TypeError(f"head must be an AnalyticHead or None, got {type(head).__name__}.")

@@ -27,7 +27,8 @@ Step 3 is :func:`gradient_restriction`, a regulariser for :func:`unlearn_jax.tra
 backpropagation.
 
 References:
-  "Efficient Machine Unlearning via Influence Approximation" (IAU), 2025, and the authors' code.
+  "Efficient Machine Unlearning via Influence Approximation" (IAU), 2025, and the authors' code
+  (github.com/Lolo1222/IAU; the one-Adam-step update and alpha = 0.005 come from it).
 """
 
 from __future__ import annotations
