@@ -363,6 +363,21 @@ def _place(arr: np.ndarray, like: Any) -> Any:
     return jnp.asarray(arr)
 
 
+def read_metadata(directory: Any, *, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without restoring its arrays.
+
+    Useful to rebuild the model and optimizer (``metadata["model"]``) that make the
+    ``target_state`` of :func:`restore_checkpoint`.
+
+    Raises:
+      CheckpointNotFoundError: no (complete) checkpoint of that step.
+      CheckpointCorruptedError: its manifest or metadata cannot be read.
+    """
+    path, _ = _resolve(directory, step)
+    _, metadata = _read_json_items(path)
+    return metadata
+
+
 def restore_checkpoint(
     directory: Any, target_state: Any, *, step: int | None = None
 ) -> tuple[Any, dict[str, Any]]:
@@ -438,6 +453,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "latest_step",
     "list_steps",
+    "read_metadata",
     "restore_checkpoint",
     "save_checkpoint",
 ]

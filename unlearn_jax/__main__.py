@@ -1,0 +1,3 @@
+from unlearn_jax.cli import main
+
+raise SystemExit(main())
