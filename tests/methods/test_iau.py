@@ -86,7 +86,7 @@ def test_penalty_gradient_is_finite_at_a_zero_tensor_gradient():
 
 def test_penalty_trains_with_fit():
     splits = digits()
-    model = get_model("mlp", num_outputs=10, hidden_sizes=(32,))
+    model = get_model("mlp", num_outputs=10, hidden_sizes=(16,))
     task = model_task(model)
     state = create_train_state(model, splits.train.x[:1], optax.adam(3e-3), jax.random.key(0))
     state, history = fit(
@@ -94,7 +94,7 @@ def test_penalty_trains_with_fit():
         task,
         splits.train,
         epochs=2,
-        batch_size=128,
+        batch_size=512,
         key=jax.random.key(1),
         regularizer=gradient_restriction(task, alpha=0.005),
     )

@@ -96,7 +96,7 @@ def test_unlearner_applies_alpha_times_direction():
     splits, task, state = trained_mlp()
     split = data.random_forget(splits.train, 0.05, seed=0)
     result = unlearn(
-        woodfisher(alpha=0.2, num_grads=100),
+        woodfisher(alpha=0.2, num_grads=50),
         state,
         task,
         split.forget,
