@@ -9,10 +9,10 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from tests._training_setup import ADAM, BATCH, SGD, classification
 from unlearn_jax import checkpoint
 from unlearn_jax.checkpoint import (
     CheckpointCorruptedError,
@@ -23,7 +23,6 @@ from unlearn_jax.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from unlearn_jax.data import Dataset
 from unlearn_jax.models import get_model, model_config, model_task
 from unlearn_jax.training import create_train_state, fit
 
@@ -34,20 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # whichever test runs when it is collected. It is noise from orbax, not a failure of ours.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-# One optimizer object per setting: a TrainState's optimizer is part of the jitted step's static
-# signature, so sharing it lets the tests reuse compiled steps.
-ADAM = optax.adam(1e-2)
-SGD = optax.sgd(0.1)
-
 
 def _data():
-    rng = np.random.default_rng(0)
-    return Dataset(
-        x=rng.normal(size=(24, 5)).astype(np.float32),
-        y=rng.integers(0, 3, 24),
-        ids=np.arange(24),
-        num_classes=3,
-    )
+    return classification(n=24)
 
 
 def _model(hidden=(8,)):
@@ -60,7 +48,7 @@ def _state(hidden=(8,), opt=None, seed=0, trained=True):
     ds = _data()
     state = create_train_state(model, ds.x[:1], opt or ADAM, jax.random.key(seed))
     if trained:
-        state, _ = fit(state, model_task(model), ds, epochs=1, batch_size=8,
+        state, _ = fit(state, model_task(model), ds, epochs=1, batch_size=BATCH,
                        key=jax.random.key(seed + 1), progress=False)  # fmt: skip
     return state
 
@@ -104,8 +92,10 @@ def test_round_trip_is_bit_identical_and_keeps_metadata(tmp_path):
     _assert_identical(from_abstract, restored)
     # The restored state trains on exactly like the original.
     ds, task = _data(), model_task(_model())
-    a, _ = fit(state, task, ds, epochs=1, batch_size=8, key=jax.random.key(5), progress=False)
-    b, _ = fit(restored, task, ds, epochs=1, batch_size=8, key=jax.random.key(5), progress=False)
+    a, _ = fit(state, task, ds, epochs=1, batch_size=BATCH, key=jax.random.key(5), progress=False)
+    b, _ = fit(
+        restored, task, ds, epochs=1, batch_size=BATCH, key=jax.random.key(5), progress=False
+    )
     _assert_identical(a.params, b.params)
 
 

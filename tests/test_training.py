@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
+from tests._training_setup import ADAM, BATCH, SGD, classification, mlp, regression
 from unlearn_jax import training
-from unlearn_jax.data import Dataset
+from unlearn_jax.data import Dataset, padded_batches
 from unlearn_jax.models import Linear, get_model, model_task
 from unlearn_jax.training import (
     create_train_state,
@@ -19,31 +20,12 @@ from unlearn_jax.training import (
     train_original,
 )
 
-# One optimizer object per setting: a TrainState's optimizer is part of the jitted step's static
-# signature, so sharing it lets the tests reuse compiled steps.
-ADAM = optax.adam(1e-2)
-SGD = optax.sgd(0.1)
 # float32 training compared with float64 numpy references of the same updates.
 RTOL_F32 = 1e-5
 ATOL_F32 = 1e-6
 # vmapped vs looped training: batched kernels may reassociate sums; a few epochs of Adam amplify the
 # last-bit differences a little (observed < 1e-6; 1e-5 leaves room across XLA versions).
 ATOL_VMAP = 1e-5
-
-
-def _regression(n=10, d=3, seed=0, name="reg"):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (x @ np.array([1.0, -2.0, 0.5][:d]) + 0.3 + 0.1 * rng.normal(size=n)).astype(np.float32)
-    return Dataset(x=x, y=y, ids=np.arange(n) + 100, name=name)
-
-
-def _classification(n=60, d=5, k=3, seed=0, name="cls"):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, k, size=n)
-    centers = rng.normal(size=(k, d)) * 2
-    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)
-    return Dataset(x=x, y=y, ids=np.arange(n) * 3 + 7, name=name, num_classes=k)
 
 
 def _leaves_equal(a, b):
@@ -66,7 +48,7 @@ def _perm(key, epoch, n):
 
 # ---- create_train_state ---------------------------------------------------------------------------
 def test_create_train_state_initialises_params_and_optimizer():
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    model = mlp()
     x = np.zeros((1, 5), np.float32)
     opt = ADAM
     state = create_train_state(model, x, opt, jax.random.key(3))
@@ -111,26 +93,26 @@ def _numpy_sgd_linear_regression(ds, theta, *, lr, epochs, batch_size, key):
 
 
 def test_fit_matches_numpy_sgd_including_the_partial_last_batch():
-    ds = _regression(n=10)
+    ds = regression(n=10)
     task = model_task(Linear(1), kind="regression")
     state = create_train_state(Linear(1), ds.x[:1], SGD, jax.random.key(0))
     key = jax.random.key(5)
     want, want_losses = _numpy_sgd_linear_regression(
-        ds, _linear_params(state), lr=0.1, epochs=3, batch_size=4, key=key
+        ds, _linear_params(state), lr=0.1, epochs=3, batch_size=BATCH, key=key
     )
-    state, history = fit(state, task, ds, epochs=3, batch_size=4, key=key, progress=False)
-    # Batches of 4, 4 and 2: the last is padded to 4 but averaged over its 2 real rows.
+    state, history = fit(state, task, ds, epochs=3, batch_size=BATCH, key=key, progress=False)
+    # Batches of 8 and 2: the last is padded to 8 rows but averaged over its 2 real ones.
     np.testing.assert_allclose(_linear_params(state), want, rtol=RTOL_F32, atol=ATOL_F32)
     np.testing.assert_allclose(history["loss"], want_losses, rtol=RTOL_F32)
-    assert int(state.step) == 9
+    assert int(state.step) == 6
 
 
 def test_fit_is_deterministic_given_the_key():
-    ds = _classification()
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(16,))
+    ds = classification()
+    model = mlp()
     task = model_task(model)
     init = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
-    kw = dict(epochs=2, batch_size=16, progress=False)
+    kw = dict(epochs=2, batch_size=BATCH, progress=False)
     a, ha = fit(init, task, ds, key=jax.random.key(1), **kw)
     b, hb = fit(init, task, ds, key=jax.random.key(1), **kw)
     c, _ = fit(init, task, ds, key=jax.random.key(2), **kw)
@@ -140,9 +122,9 @@ def test_fit_is_deterministic_given_the_key():
 
 
 def test_one_compiled_step_serves_every_batch_and_every_call():
-    """50 rows in batches of 16: three full batches and a partial one, one trace of the step."""
-    ds = _classification(n=50)
-    model = Linear(3)
+    """50 rows in batches of 8: six full batches and a partial one, one trace of the step."""
+    ds = classification(n=50)
+    model = mlp()
     task = model_task(model)
     traces = []
 
@@ -151,12 +133,14 @@ def test_one_compiled_step_serves_every_batch_and_every_call():
         return 0.0 * jnp.sum(params["head"]["bias"])
 
     state = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
-    kw = dict(epochs=3, batch_size=16, regularizer=counting_regularizer, progress=False)
+    kw = dict(epochs=3, batch_size=BATCH, regularizer=counting_regularizer, progress=False)
     trained, _ = fit(state, task, ds, key=jax.random.key(1), **kw)
-    assert int(trained.step) == 3 * 4
-    assert traces == [(16, 5)]
-    fit(state, task, ds, key=jax.random.key(2), **kw)  # same shapes: the compiled step is reused
-    assert traces == [(16, 5)]
+    assert int(trained.step) == 3 * 7
+    assert traces == [(BATCH, 5)]
+    # Another key, and a retain set of 47 rows: the compiled step is reused.
+    fit(state, task, ds, key=jax.random.key(2), **kw)
+    fit(state, task, ds.without_ids(ds.ids[:3]), key=jax.random.key(2), **kw)
+    assert traces == [(BATCH, 5)]
 
 
 def test_a_regularizer_that_calls_jax_grad_is_differentiated_twice():
@@ -165,10 +149,10 @@ def test_a_regularizer_that_calls_jax_grad_is_differentiated_twice():
     With Z = [X, 1], L = ||Z theta - y||^2 / (2N), g = Z^T (Z theta - y) / N and H = Z^T Z / N, the
     step is theta - lr * (g + 2 lam H g): the H g term exists only through double backprop.
     """
-    ds = _regression(n=12)
+    ds = regression(n=BATCH)
     model = Linear(1)
     task = model_task(model, kind="regression")
-    lam, lr = 0.3, 0.05
+    lam, lr = 0.3, 0.1
 
     def gradient_penalty(params, batch, mask):
         def masked_mean(p):
@@ -177,15 +161,15 @@ def test_a_regularizer_that_calls_jax_grad_is_differentiated_twice():
         g = jax.grad(masked_mean)(params)
         return lam * sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g))
 
-    state = create_train_state(model, ds.x[:1], optax.sgd(lr), jax.random.key(0))
+    state = create_train_state(model, ds.x[:1], SGD, jax.random.key(0))
     theta = _linear_params(state)
-    z = np.concatenate([ds.x.astype(np.float64), np.ones((12, 1))], axis=1)
-    g = z.T @ (z @ theta - ds.y) / 12
-    hess = z.T @ z / 12
+    z = np.concatenate([ds.x.astype(np.float64), np.ones((BATCH, 1))], axis=1)
+    g = z.T @ (z @ theta - ds.y) / BATCH
+    hess = z.T @ z / BATCH
     want = theta - lr * (g + 2 * lam * hess @ g)
 
     state, history = fit(
-        state, task, ds, epochs=1, batch_size=12, key=jax.random.key(1),
+        state, task, ds, epochs=1, batch_size=BATCH, key=jax.random.key(1),
         regularizer=gradient_penalty, progress=False,
     )  # fmt: skip
     np.testing.assert_allclose(_linear_params(state), want, rtol=RTOL_F32, atol=ATOL_F32)
@@ -193,7 +177,7 @@ def test_a_regularizer_that_calls_jax_grad_is_differentiated_twice():
 
 
 def test_a_nan_loss_names_the_epoch_and_step():
-    ds = _classification(n=12)
+    ds = classification(n=12)
     bad_id = int(ds.ids[7])
     key = jax.random.key(4)
 
@@ -202,30 +186,30 @@ def test_a_nan_loss_names_the_epoch_and_step():
         hit = jnp.any((batch["id"] == bad_id) & (mask > 0))
         return jnp.where(hit, jnp.nan, 0.0)
 
-    step = int(np.flatnonzero(_perm(key, 0, 12) == 7)[0]) // 4 + 1
-    model = Linear(3)
-    state = create_train_state(model, ds.x[:1], SGD, jax.random.key(0))
-    with pytest.raises(FloatingPointError, match=rf"epoch 1/2, step {step}/3"):
-        fit(state, model_task(model), ds, epochs=2, batch_size=4, key=key,
+    step = int(np.flatnonzero(_perm(key, 0, 12) == 7)[0]) // BATCH + 1
+    model = mlp()
+    state = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
+    with pytest.raises(FloatingPointError, match=rf"epoch 1/2, step {step}/2"):
+        fit(state, model_task(model), ds, epochs=2, batch_size=BATCH, key=key,
             regularizer=nan_on_one_example, progress=False)  # fmt: skip
 
 
 def test_diverging_training_raises_instead_of_returning_nan():
-    ds = _regression(n=10)
+    ds = regression(n=10)
     model = Linear(1)
     state = create_train_state(model, ds.x[:1], optax.sgd(1e30), jax.random.key(0))
     with pytest.raises(FloatingPointError, match=r"epoch 1/5"):
-        fit(state, model_task(model, "regression"), ds, epochs=5, batch_size=5,
+        fit(state, model_task(model, "regression"), ds, epochs=5, batch_size=BATCH,
             key=jax.random.key(0), progress=False)  # fmt: skip
 
 
 # ---- member masks ---------------------------------------------------------------------------------
 def test_a_mask_of_ones_equals_no_mask():
-    ds = _classification()
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    ds = classification()
+    model = mlp()
     task = model_task(model)
     state = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
-    kw = dict(epochs=2, batch_size=16, key=jax.random.key(1), progress=False)
+    kw = dict(epochs=2, batch_size=BATCH, key=jax.random.key(1), progress=False)
     plain, h_plain = fit(state, task, ds, **kw)
     masked, h_masked = fit(state, task, ds, member_mask=np.ones(len(ds), bool), **kw)
     assert _leaves_equal(plain.params, masked.params)
@@ -233,7 +217,7 @@ def test_a_mask_of_ones_equals_no_mask():
 
 
 def test_non_members_have_no_influence_on_training():
-    ds = _classification(n=40)
+    ds = classification(n=40)
     mask = np.arange(40) % 3 != 0
     rng = np.random.default_rng(9)
     x2 = ds.x.copy()
@@ -241,10 +225,10 @@ def test_non_members_have_no_influence_on_training():
     x2[~mask] = rng.normal(size=x2[~mask].shape) * 100  # anything at all in the non-member rows
     y2[~mask] = (y2[~mask] + 1) % 3
     other = Dataset(x=x2, y=y2, ids=ds.ids, num_classes=3)
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    model = mlp()
     task = model_task(model)
     state = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
-    kw = dict(epochs=2, batch_size=8, key=jax.random.key(1), member_mask=mask, progress=False)
+    kw = dict(epochs=2, batch_size=BATCH, key=jax.random.key(1), member_mask=mask, progress=False)
     a, ha = fit(state, task, ds, **kw)
     b, hb = fit(state, task, other, **kw)
     assert _leaves_equal(a.params, b.params)
@@ -253,11 +237,11 @@ def test_non_members_have_no_influence_on_training():
 
 # ---- history and evaluation -----------------------------------------------------------------------
 def test_history_matches_an_independent_evaluation():
-    train, test = _classification(seed=0), _classification(n=30, seed=1)
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    train, test = classification(seed=0), classification(n=30, seed=1)
+    model = mlp()
     task = model_task(model)
     state = create_train_state(model, train.x[:1], ADAM, jax.random.key(0))
-    state, history = fit(state, task, train, epochs=3, batch_size=16, key=jax.random.key(1),
+    state, history = fit(state, task, train, epochs=3, batch_size=BATCH, key=jax.random.key(1),
                          test=test, eval_batch_size=7, progress=False)  # fmt: skip
     assert sorted(history) == ["loss", "test_acc", "train_acc"]
     assert all(len(v) == 3 for v in history.values())
@@ -271,11 +255,11 @@ def test_history_matches_an_independent_evaluation():
 
 
 def test_regression_history_reports_the_mean_squared_error():
-    train = _regression(n=20)
+    train = regression(n=20)
     model = get_model("mlp_regressor", num_outputs=1, hidden_sizes=(4,))
     task = model_task(model)
     state = create_train_state(model, train.x[:1], ADAM, jax.random.key(0))
-    state, history = fit(state, task, train, epochs=2, batch_size=8, key=jax.random.key(1),
+    state, history = fit(state, task, train, epochs=2, batch_size=BATCH, key=jax.random.key(1),
                          test=train, progress=False)  # fmt: skip
     assert sorted(history) == ["loss", "test_mse", "train_mse"]
     pred = np.asarray(model.apply({"params": state.params}, train.x), np.float64)[:, 0]
@@ -285,28 +269,28 @@ def test_regression_history_reports_the_mean_squared_error():
 
 
 def test_progress_bar_only_when_asked(capsys):
-    ds = _classification(n=20)
-    model = Linear(3)
-    state = create_train_state(model, ds.x[:1], SGD, jax.random.key(0))
-    fit(state, model_task(model), ds, epochs=1, batch_size=8, key=jax.random.key(0), progress=False)
+    ds = classification(n=20)
+    model = mlp()
+    state = create_train_state(model, ds.x[:1], ADAM, jax.random.key(0))
+    kw = dict(epochs=1, batch_size=BATCH, key=jax.random.key(0))
+    fit(state, model_task(model), ds, progress=False, **kw)
     assert capsys.readouterr().err == ""
-    fit(state, model_task(model), ds, epochs=1, batch_size=8, key=jax.random.key(0), progress=True)
+    fit(state, model_task(model), ds, progress=True, **kw)
     assert "fit cls" in capsys.readouterr().err
 
 
 # ---- input errors ---------------------------------------------------------------------------------
 def test_fit_rejects_bad_inputs_with_messages_that_name_them():
-    ds = _classification(n=20, k=3)
-    model = Linear(2)  # fewer outputs than classes
-    state = create_train_state(model, ds.x[:1], SGD, jax.random.key(0))
-    task = model_task(model)
-    kw = dict(epochs=1, batch_size=4, key=jax.random.key(0), progress=False)
+    ds = classification(n=20, k=3)
+    two = Linear(2)  # fewer outputs than classes; checked before any computation
+    state = jax.eval_shape(lambda k: create_train_state(two, ds.x[:1], SGD, k), jax.random.key(0))
+    kw = dict(epochs=1, batch_size=BATCH, key=jax.random.key(0), progress=False)
     with pytest.raises(ValueError, match=r"labels in \[0, 2\] but the model has 2 outputs"):
-        fit(state, task, ds, **kw)
-    state3 = create_train_state(Linear(3), ds.x[:1], SGD, jax.random.key(0))
-    task3 = model_task(Linear(3))
+        fit(state, model_task(two), ds, **kw)
+    state3 = create_train_state(mlp(), ds.x[:1], ADAM, jax.random.key(0))
+    task3 = model_task(mlp())
     with pytest.raises(ValueError, match="regression"):
-        fit(state3, model_task(Linear(3), "regression"), ds, **kw)
+        fit(state3, model_task(mlp(), "regression"), ds, **kw)
     with pytest.raises(ValueError, match="empty"):
         fit(state3, task3, ds.take(np.zeros((0,), np.int64)), **kw)
     with pytest.raises(ValueError, match=r"member_mask must have shape \(20,\)"):
@@ -317,21 +301,21 @@ def test_fit_rejects_bad_inputs_with_messages_that_name_them():
         fit(state3, task3, ds, **{**kw, "epochs": 0})
     with pytest.raises(ValueError, match="single key"):
         fit(state3, task3, ds, **{**kw, "key": jax.random.split(jax.random.key(0), 2)})
-    with pytest.raises(TypeError, match=r"must return a scalar.*\(4,\)"):
+    with pytest.raises(TypeError, match=r"must return a scalar.*\(8,\)"):
         fit(state3, task3, ds, regularizer=lambda p, b, m: m, **kw)
 
 
 # ---- retrain ---------------------------------------------------------------------------------------
 def _setup_retrain():
-    ds = _classification(n=40)
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    ds = classification(n=40)
+    model = mlp()
     return ds, model, model_task(model), ADAM
 
 
 def test_retrain_trains_the_same_recipe_on_the_retain_set_only():
     ds, model, task, opt = _setup_retrain()
     forget = ds.ids[[3, 17, 30]]
-    kw = dict(epochs=2, batch_size=8, progress=False)
+    kw = dict(epochs=2, batch_size=BATCH, progress=False)
     result = retrain(model, task, ds.x[:1], opt, ds, forget,
                      init_key=jax.random.key(0), data_key=jax.random.key(1), **kw)  # fmt: skip
     np.testing.assert_array_equal(result.retained_ids, np.setdiff1d(ds.ids, forget))
@@ -347,7 +331,7 @@ def test_retrain_trains_the_same_recipe_on_the_retain_set_only():
 
 def test_train_original_is_retrain_with_nothing_forgotten():
     ds, model, task, opt = _setup_retrain()
-    kw = dict(epochs=1, batch_size=8, progress=False)
+    kw = dict(epochs=1, batch_size=BATCH, progress=False)
     result = train_original(model, task, ds.x[:1], opt, ds,
                             init_key=jax.random.key(0), data_key=jax.random.key(1), **kw)  # fmt: skip
     state = create_train_state(model, ds.x[:1], opt, jax.random.key(0))
@@ -367,13 +351,13 @@ def test_retrain_rejects_unknown_ids_and_forgetting_everything():
 
 # ---- fit_many ---------------------------------------------------------------------------------------
 def test_fit_many_equals_a_loop_of_single_fits():
-    train, test = _classification(n=30), _classification(n=12, seed=1)
-    model = get_model("mlp", num_outputs=3, hidden_sizes=(8,))
+    train, test = classification(n=30), classification(n=12, seed=1)
+    model = mlp()
     task = model_task(model)
     opt = ADAM
     keys = jax.random.split(jax.random.key(0), 3)
     masks = np.random.default_rng(0).random((3, 30)) < 0.5
-    kw = dict(epochs=2, batch_size=8, progress=False)
+    kw = dict(epochs=2, batch_size=BATCH, progress=False)
     states, history = fit_many(model, task, train.x[:1], opt, train, keys=keys,
                                member_masks=masks, data_key=jax.random.key(7), test=test, **kw)  # fmt: skip
     assert history["loss"].shape == history["test_acc"].shape == (3, 2)
@@ -390,7 +374,7 @@ def test_fit_many_equals_a_loop_of_single_fits():
 
 
 def test_fit_many_validates_its_keys_and_masks():
-    train = _classification(n=10)
+    train = classification(n=10)
     model = Linear(3)
     task = model_task(model)
     kw = dict(epochs=1, batch_size=4, data_key=jax.random.key(0))
@@ -405,8 +389,24 @@ def test_fit_many_validates_its_keys_and_masks():
                  member_masks=np.stack([np.ones(10), np.zeros(10)]), **kw)  # fmt: skip
 
 
-def test_the_epoch_plan_covers_every_row_once():
-    idx, valid = training._epoch_plan(jax.random.key(0), 3, n=10, batch_size=4)
-    assert idx.shape == valid.shape == (3, 4)
-    assert sorted(np.asarray(idx)[np.asarray(valid)].tolist()) == list(range(10))
-    assert np.asarray(valid).sum() == 10 and not np.asarray(valid)[2, 2:].any()
+def test_the_epoch_order_is_that_of_padded_batches():
+    """Epoch e of fit visits the rows as data.padded_batches with key fold_in(key, e) does."""
+    ds = classification(n=10)
+    key = jax.random.key(3)
+    for epoch in range(2):
+        idx, valid = training._epoch_plan(key, epoch, n=10, batch_size=4)
+        batches = list(padded_batches(ds, 4, key=jax.random.fold_in(key, epoch)))
+        assert len(batches) == 3 and not valid[3:].any()
+        for s, (batch, mask) in enumerate(batches):
+            np.testing.assert_array_equal(valid[s], np.asarray(mask) > 0)
+            np.testing.assert_array_equal(
+                ds.ids[idx[s]][valid[s]], np.asarray(batch["id"])[valid[s]]
+            )
+        assert sorted(idx[valid].tolist()) == list(range(10))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(training, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

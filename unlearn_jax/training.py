@@ -9,7 +9,7 @@ padded to ``B`` rows with a mask, so ONE compiled step serves every batch. A ste
 
 .. math::
     L(\theta) = \frac{\sum_{i \in \text{batch}} m_i\, \ell(\theta; x_i, y_i)}
-                     {\max\bigl(\sum_{i \in \text{batch}} m_i,\ 1\bigr)} + R(\theta; \text{batch}, m),
+                     {\sum_{i \in \text{batch}} m_i} + R(\theta; \text{batch}, m),
 
 where ``m_i`` is 0 on padding rows and otherwise the example's member weight (1 unless a member mask
 says otherwise), ``ell`` is the task's per-example loss and ``R`` an optional regulariser. A batch
@@ -43,6 +43,7 @@ History = dict[str, list[float]]
 Regularizer = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
 
 DEFAULT_EVAL_BATCH_SIZE = 1024
+_ROW_BUCKET = 128
 
 
 class RetrainResult(NamedTuple):
@@ -96,25 +97,32 @@ def create_train_state(
             f"sample_input must be a non-empty batch of inputs [B, ...] (e.g. train.x[:1]), got shape "
             f"{shape}."
         )
-    try:
-        hash(model)
-    except TypeError:  # a module with unhashable attributes cannot be a static argument
-        variables, apply_fn = model.init(key, sample_input), model.apply
-    else:
-        variables = _init_variables(model, key, jnp.asarray(sample_input))
-        apply_fn = _canonical_apply(model)
-    extra = sorted(set(variables) - {"params"})
+    collections = jax.eval_shape(model.init, key, sample_input)
+    extra = sorted(set(collections) - {"params"})
     if extra:
         raise ValueError(
             f"{type(model).__name__} has variable collections {extra} besides 'params'. unlearn_jax "
             "trains stateless models only: per-example gradients are undefined for layers that mix "
             "examples (BatchNorm's 'batch_stats'); use GroupNorm or LayerNorm instead."
         )
-    if "params" not in variables:
+    if "params" not in collections:
         raise ValueError(f"{type(model).__name__} has no parameters to train.")
-    state = TrainState.create(apply_fn=apply_fn, params=variables["params"], tx=optimizer)
-    # An int32 array, not the Python int 0: a weakly typed step would retrace the jitted step once.
-    return state.replace(step=jnp.asarray(np.int32(0)))
+    try:
+        hash(model), hash(optimizer)
+    except TypeError:  # unhashable attributes cannot be static arguments: initialise eagerly
+        params, opt_state = _init_arrays.__wrapped__(model, optimizer, key, sample_input)
+        apply_fn = model.apply
+    else:
+        params, opt_state = _init_arrays(model, optimizer, key, jnp.asarray(sample_input))
+        apply_fn = _canonical_apply(model)
+    return TrainState(
+        # An int32 array, not the Python int 0: a weakly typed step would retrace the step once.
+        step=jnp.asarray(np.int32(0)),
+        apply_fn=apply_fn,
+        params=params,
+        tx=optimizer,
+        opt_state=opt_state,
+    )
 
 
 # ---- the jitted pieces ---------------------------------------------------------------------------
@@ -126,22 +134,53 @@ def _canonical_apply(model: Any) -> Callable:
     return model.apply
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables(model: Any, key: jax.Array, sample_input: jax.Array):
-    # Jitted (one compilation per model config and input shape, cached across calls) rather than run
-    # eagerly, which compiles every initialiser operation on its own: seconds for a ResNet.
-    return model.init(key, sample_input)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_arrays(model: Any, optimizer: Any, key: jax.Array, sample_input: jax.Array):
+    # One jitted program (compiled once per model config, optimizer and input shape, cached across
+    # calls) rather than eager initialisers, each of which would compile on its own.
+    params = model.init(key, sample_input)["params"]
+    return params, optimizer.init(params)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "batch_size"))
-def _epoch_plan(key: jax.Array, epoch: jax.Array, *, n: int, batch_size: int):
-    """Row indices ``[S, B]`` of an epoch's batches and their validity ``[S, B]`` (False = padding)."""
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    steps = -(-n // batch_size)
-    # Padding rows point at a real row (0) so their loss stays finite; their weight is 0.
-    idx = jnp.zeros((steps * batch_size,), perm.dtype).at[:n].set(perm)
-    valid = jnp.arange(steps * batch_size) < n
-    return idx.reshape(steps, batch_size), valid.reshape(steps, batch_size)
+def _padded_rows(n: int) -> int:
+    """Rows of the device copy of an ``n``-example dataset: ``n`` rounded up to a multiple of 128.
+
+    Compiled steps depend on the array shapes; bucketing the dataset size lets a retrain on
+    ``N - |forget|`` examples (and small test sets) reuse the step compiled for ``N``.
+    """
+    return -(-n // _ROW_BUCKET) * _ROW_BUCKET
+
+
+def _device_data(ds: Any, weights: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
+    """``{"x", "y", "id"}`` padded to :func:`_padded_rows` rows (copies of row 0, id -1), on device,
+    and the weights ``[..., N]`` padded with zeros (padding rows never count)."""
+    n = len(ds.ids)
+    pad = _padded_rows(n) - n
+    fill = np.zeros((pad,), np.int64)
+    data = {
+        "x": np.concatenate([ds.x, ds.x[fill]]),
+        "y": np.concatenate([ds.y, ds.y[fill]]),
+        "id": np.concatenate([np.asarray(ds.ids, np.int64), np.full((pad,), -1)]).astype(np.int32),
+    }
+    weights = np.concatenate([weights, np.zeros((*weights.shape[:-1], pad), np.float32)], axis=-1)
+    return {k: jnp.asarray(v) for k, v in data.items()}, jnp.asarray(weights)
+
+
+def _epoch_plan(key: jax.Array, epoch: int, *, n: int, batch_size: int):
+    """Row indices ``[S', B]`` (int32) of an epoch's batches and their validity ``[S', B]``.
+
+    The order is ``jax.random.permutation(fold_in(key, epoch), n)``, the order of
+    :func:`unlearn_jax.data.padded_batches` with ``key=fold_in(key, epoch)``, cut into
+    ``S = ceil(n / B)`` batches. The plan has ``S' = ceil(padded_rows(n) / B) >= S`` rows so that
+    its shape, too, depends on the bucketed size only; rows past ``S`` are never used. Padding
+    entries point at row 0 (finite inputs) and are invalid.
+    """
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n), np.int32)
+    rows = -(-_padded_rows(n) // batch_size) * batch_size
+    idx = np.zeros((rows,), np.int32)
+    idx[:n] = perm
+    valid = np.arange(rows) < n
+    return idx.reshape(-1, batch_size), valid.reshape(-1, batch_size)
 
 
 def _take_batch(data, idx_row, valid_row):
@@ -168,7 +207,8 @@ def _train_step(state, acc, data, weights, idx, valid, step, *, task, regularize
 
         def objective(params):
             losses = task.batch_losses(params, batch)
-            data_loss = jnp.sum(mask * losses) / jnp.maximum(count, 1.0)
+            # A weighted mean; a batch without members (count 0) is skipped below.
+            data_loss = jnp.sum(mask * losses) / jnp.where(count > 0, count, 1.0)
             if regularizer is None:
                 reg = jnp.zeros((), data_loss.dtype)
             else:
@@ -337,18 +377,19 @@ class _EvalData(NamedTuple):
     chunk: int
 
 
-def _eval_data(ds: Any, weights: np.ndarray, eval_batch_size: int, data=None) -> _EvalData:
-    data = ds.as_batch() if data is None else data
-    return _EvalData(data, jnp.asarray(weights), min(eval_batch_size, len(ds.ids)))
+def _eval_data(ds: Any, weights: np.ndarray, eval_batch_size: int, device=None) -> _EvalData:
+    data, weights_dev = _device_data(ds, weights) if device is None else device
+    rows = data["x"].shape[0]
+    return _EvalData(data, weights_dev, min(eval_batch_size, rows))
 
 
 def _evaluate(
     task: Task, params: Any, ev: _EvalData, *, many: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean loss and metric (accuracy or MSE); ``[M]`` arrays when ``many``, else scalars."""
-    n = ev.data["x"].shape[0]
+    rows = ev.data["x"].shape[0]
     total = None
-    for start in range(0, n, ev.chunk):
+    for start in range(0, rows, ev.chunk):
         sums = _eval_chunk(params, ev.data, ev.weights, start, task=task, chunk=ev.chunk, many=many)
         total = sums if total is None else total + sums
     total = np.asarray(total, np.float64)
@@ -379,9 +420,8 @@ def _train(
     n = len(train.ids)
     batch_size = min(batch_size, n)
     steps = -(-n // batch_size)
-    data = train.as_batch()
-    weights_dev = jnp.asarray(weights)
-    train_eval = _eval_data(train, weights, eval_batch_size, data=data)
+    data, weights_dev = _device_data(train, weights)
+    train_eval = _eval_data(train, weights, eval_batch_size, device=(data, weights_dev))
     test_eval = None
     if test is not None:
         test_w = np.ones(
@@ -407,7 +447,7 @@ def _train(
     )
     with bar:
         for epoch in range(epochs):
-            idx, valid = _epoch_plan(key, epoch, n=n, batch_size=batch_size)
+            idx, valid = map(jnp.asarray, _epoch_plan(key, epoch, n=n, batch_size=batch_size))
             acc = _zero_acc((_n_models(weights),) if many else ())
             for s in range(steps):
                 state, acc = _train_step(
@@ -504,7 +544,7 @@ def fit(
     The recipe (see the module docstring): each epoch shuffles with ``fold_in(key, epoch)`` and
     takes ``ceil(N / B)`` steps on the masked objective
 
-    .. math:: L(\theta) = \frac{\sum_i m_i \ell_i(\theta)}{\max(\sum_i m_i, 1)} + R(\theta; \text{batch}, m),
+    .. math:: L(\theta) = \frac{\sum_i m_i \ell_i(\theta)}{\sum_i m_i} + R(\theta; \text{batch}, m),
 
     one compiled step for every batch (the last, partial one is padded with weight-0 rows). With
     ``B >= N`` every epoch is one full-batch step (``B`` is clamped to ``N``).
@@ -547,12 +587,12 @@ def fit(
       >>> from unlearn_jax.data import load
       >>> from unlearn_jax.models import get_model, model_task
       >>> splits = load("digits")
-      >>> model = get_model("mlp", num_outputs=10)
-      >>> state = create_train_state(model, splits.train.x[:1], optax.adam(1e-3), jax.random.key(0))
-      >>> state, history = fit(state, model_task(model), splits.train, epochs=2, batch_size=32,
+      >>> model = get_model("linear", num_outputs=10)
+      >>> state = create_train_state(model, splits.train.x[:1], optax.adam(1e-2), jax.random.key(0))
+      >>> state, history = fit(state, model_task(model), splits.train, epochs=3, batch_size=64,
       ...                      key=jax.random.key(1), test=splits.test, progress=False)
-      >>> sorted(history)
-      ['loss', 'test_acc', 'train_acc']
+      >>> sorted(history), len(history["loss"]), round(history["test_acc"][-1], 2)
+      (['loss', 'test_acc', 'train_acc'], 3, 0.89)
     """
     _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress)
     _check_key(key, "key", batched=False)

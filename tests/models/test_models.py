@@ -43,8 +43,14 @@ def _init(model, x, seed=0):
     return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
 
 
+@functools.cache
+def _jitted_apply(model):
+    # One jitted apply per model configuration (bound methods of equal modules differ).
+    return jax.jit(model.apply)
+
+
 def _apply(model, p, x):
-    return jax.jit(model.apply)({"params": p}, x)
+    return _jitted_apply(model)({"params": p}, x)
 
 
 def _images(n, shape=(8, 8, 1), seed=0):
@@ -89,12 +95,12 @@ def test_the_default_models_build_with_the_documented_shapes():
     assert shapes["mlp"]["hidden_1"]["kernel"].shape == (128, 128)
     assert shapes["mlp_regressor"]["hidden_1"]["kernel"].shape == (64, 64)
     # 8x8 -> 4x4 -> 2x2 after two poolings, 64 channels.
-    assert shapes["cnn"]["dense"]["kernel"].shape == (2 * 2 * 64, 128)
+    assert shapes["cnn"]["dense"]["kernel"].shape == (2 * 2 * 64, 256)
     assert shapes["resnet"]["head"]["kernel"].shape == (64, 10)
     assert shapes["resnet"]["blocks_2"]["projection"]["kernel"].shape == (1, 1, 32, 64)
     mnist = jax.ShapeDtypeStruct((2, 28, 28), jnp.float32)
     cnn28 = jax.eval_shape(get_model("cnn", num_outputs=10).init, key, mnist)["params"]
-    assert cnn28["dense"]["kernel"].shape == (7 * 7 * 64, 128)
+    assert cnn28["dense"]["kernel"].shape == (7 * 7 * 64, 256)
 
 
 @pytest.mark.parametrize(
@@ -302,3 +308,12 @@ def test_cnn_reaches_97_percent_on_digits():
     print(f"CNN digits: test accuracy {acc:.4f} after 15 epochs in {seconds:.2f}s")
     assert history["test_acc"][-1] == acc
     assert acc >= 0.97
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import unlearn_jax.models
+
+    result = doctest.testmod(unlearn_jax.models, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -25,8 +25,8 @@ class CNN(nn.Module):
 
     Shapes: ``x [B, H, W]`` or ``[B, H, W, C]`` (channels last) ``-> logits [B, num_outputs]``.
 
-    The defaults reach about 98% test accuracy on the scikit-learn digits in a few seconds of CPU
-    training (20 epochs of Adam, learning rate 1e-3, batch 32).
+    The defaults reach about 98% test accuracy on the scikit-learn digits (97.5-98.3% over six
+    seeds) with 15 epochs of Adam, learning rate 3e-3, batch 64: about 2 s of CPU time once compiled.
 
     Attributes:
       num_outputs: ``K``, the number of classes.
@@ -36,7 +36,7 @@ class CNN(nn.Module):
 
     num_outputs: int
     channels: Sequence[int] = (32, 64)
-    dense_size: int = 128
+    dense_size: int = 256
     kind: ClassVar[str] = "classification"
 
     def setup(self):

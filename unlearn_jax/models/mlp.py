@@ -27,8 +27,8 @@ class MLP(nn.Module):
 
     Shapes: ``x [B, ...] -> outputs [B, num_outputs]``.
 
-    The default ``(128, 128)`` ReLU network reaches about 97% test accuracy on the scikit-learn
-    digits in a few seconds of CPU training (30 epochs of Adam, learning rate 1e-3, batch 32).
+    The default ``(128, 128)`` ReLU network reaches about 96-97% test accuracy on the scikit-learn
+    digits with 20 epochs of Adam, learning rate 1e-3, batch 32 (about 1 s of CPU time).
 
     Attributes:
       num_outputs: ``K``, the number of classes (or regression targets).
