@@ -35,7 +35,7 @@ def test_bench_writes_results_json_table_and_plots(tmp_path, capsys):
     # Reproducibility: the full configuration and versions are recorded.
     assert record["config"]["methods"] == ["finetune", "ssd"]
     assert record["methods"]["finetune"]["run"] == {"epochs": 2, "batch_size": 64}
-    assert record["methods"]["ssd"]["hparams"]["alpha"] == 10.0
+    assert record["methods"]["ssd"]["hparams"]["alpha"] == 5.0
     assert "jax" in record["versions"]
     for name in ("table.txt", "gap_to_retrain.png", "mia_roc.png"):
         assert (out / name).stat().st_size > 0
