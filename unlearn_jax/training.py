@@ -18,6 +18,14 @@ state and step counter included.
 
 Everything is a deterministic function of the keys: the same init key gives the same initial
 parameters, the same data key the same batch order, hence bit-identical results on one machine.
+Epoch ``e`` visits the examples in the order of
+``unlearn_jax.data.padded_batches(train, B, key=fold_in(key, e))``, so which steps saw a given
+example can be recomputed from the key.
+
+Compilation. The step is compiled once per task, regularizer, model configuration, optimizer OBJECT
+(optax transformations compare by identity: pass the same one to reuse a compiled step), batch size
+and dataset size rounded up to a multiple of 128 (the device copy of the data is padded), so
+retraining on ``N - |forget|`` examples usually reuses the step compiled for ``N``.
 """
 
 from __future__ import annotations
