@@ -415,29 +415,26 @@ def run_benchmark(
         overrides = dict(sweep["best"]) if sweep else {}
         progress(f"[{i + 1}/{len(names)}] {name}")
         key = jax.random.key(100 + i)
-        method, run_kwargs, result, wall = _run_method(setup, name, overrides, key)
+        try:
+            method, run_kwargs, result, wall = _run_method(setup, name, overrides, key)
+            many = unlearn_many(
+                method, setup.originals, setup.task, setup.split.forget, setup.split.retain,
+                key=key, **run_kwargs,
+            )  # fmt: skip
+        except FloatingPointError as error:
+            # A method that diverges (NaN loss, lost definiteness) is a result, not a crash.
+            progress(f"  {name} failed: {error}")
+            methods_record[name] = {"error": str(error), "sweep": sweep}
+            rows.append({"method": name, "error": str(error)})
+            continue
         metrics = setup.evaluate(result.state.params)
-        many = unlearn_many(
-            method,
-            setup.originals,
-            setup.task,
-            setup.split.forget,
-            setup.split.retain,
-            key=key,
-            **run_kwargs,
-        )
         klom = setup.klom(many.states.params)
         rows.append(
             _row(
-                name,
-                metrics,
-                retrain_metrics,
-                setup.relearn(result.state.params),
-                klom,
-                wall,
+                name, metrics, retrain_metrics, setup.relearn(result.state.params), klom, wall,
                 retrain_time,
             )
-        )
+        )  # fmt: skip
         rocs[name] = setup.roc(result.state.params)
         methods_record[name] = {
             "hparams": result.hparams,
@@ -499,7 +496,7 @@ def write_outputs(record: dict[str, Any], out_dir) -> dict[str, str]:
     }
     evaluation.write_json(paths["results"], record)
     paths["table"].write_text(format_results_table(record) + "\n")
-    evaluation.plot_gap_bars(record["rows"], paths["gap_plot"])
+    evaluation.plot_gap_bars([r for r in record["rows"] if "error" not in r], paths["gap_plot"])
     evaluation.plot_roc_curves(
         {k: (np.asarray(v["fpr"]), np.asarray(v["tpr"])) for k, v in record["roc"].items()},
         paths["roc_plot"],
