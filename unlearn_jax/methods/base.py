@@ -39,6 +39,7 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from unlearn_jax import _validate
+from unlearn_jax.data.batching import batch_stream
 from unlearn_jax.task import Task
 
 MethodState = Any
@@ -168,18 +169,7 @@ def fixed_size_batches(dataset, batch_size: int, key: jax.Array) -> Iterator[Bat
     end of one permutation is completed from the start of the next, so every step has the same shape
     (one compilation) and every example is seen once per ``len(dataset)`` examples drawn.
     """
-    n = len(dataset)
-    size = min(batch_size, n)
-    full = dataset.as_batch()
-    order = np.empty(0, np.int64)
-    epoch = 0
-    while True:
-        while order.size < size:
-            perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
-            order = np.concatenate([order, perm])
-            epoch += 1
-        idx, order = order[:size], order[size:]
-        yield jax.tree_util.tree_map(lambda a, idx=idx: a[idx], full)
+    return batch_stream(dataset, min(batch_size, len(dataset)), key=key)
 
 
 def _check_finite_loss(metrics: list[Metrics], first_step: int, method: str):
