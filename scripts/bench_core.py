@@ -1,0 +1,370 @@
+"""Per-example gradient throughput on the CPU: unlearn_jax against a Python loop and torch.func.
+
+Command (1.5-2 minutes on a 2-core machine; PyTorch is optional, ``pip install torch``):
+
+    python scripts/bench_core.py                       # both models, batch 256, 15 repetitions
+    python scripts/bench_core.py --models mlp --reps 30 --batch 128
+
+Models, in plain JAX (and, when PyTorch is importable, the same in PyTorch on the SAME weights and
+batch, whose gradients are checked against ours before anything is timed):
+
+* ``mlp``: 784-512-10, ReLU, softmax cross-entropy; 407k parameters.
+* ``cnn``: 28x28x1 -> [3x3 conv 16, ReLU, 2x2 max-pool] -> [3x3 conv 32, ReLU, 2x2 max-pool] -> dense
+  10, softmax cross-entropy; 20k parameters. PyTorch runs it in its native NCHW/OIHW layouts (the
+  JAX arrays are transposed once, before timing) and flattens in JAX's NHWC order.
+
+Rows of the table (all under ``jax.jit``, outputs blocked on):
+
+* ``ours``: ``per_example_grads(loss, params, batch)``, default ``strategy="auto"``: on the CPU the
+  jaxpr rewrites, and chunks of 32 where one example's intermediate values outweigh its gradient
+  (the CNN; the line above the table says which).
+* ``ours chunked``: the same with ``chunk_size=32``.
+* ``ours, strategy=rewrite``: the rewrites, all examples at once.
+* ``ours, strategy=vmap``: plain ``vmap(grad(loss))``, all at once, for reference.
+* ``torch.func``: ``torch.func.vmap(torch.func.grad(loss))``, with as many torch threads as JAX's
+  CPU client uses (the CPUs this process may run on).
+* ``python loop``: ``jit(grad(loss))`` called per example from Python, its results kept in a list,
+  timed on the first 32 examples (median of 5 passes) and extrapolated to the batch: it scales
+  linearly in the number of calls.
+* ``mean grad``: one ordinary gradient of the mean batch loss (``mean_grad``, all at once, with the
+  rewrites of the default strategy), the baseline of the "x mean" column.
+
+The timed rows are interleaved (one call of each per repetition, after warm-up) and the table shows
+medians, so that load from other processes hits all of them alike. Memory is XLA's buffer assignment
+of the compiled program (``compiled.memory_analysis()``): ``temp`` is the scratch allocation the
+call needs besides its arguments and outputs, ``output`` the result buffers (for per-example
+gradients, ``B x`` the parameter count), arguments (params and batch) excluded. It is shown for
+``per_example_grads`` and for ``per_example_grad_norms`` (output ``[B]``), where chunking bounds the
+total.
+
+Measured 2026-11-23 on a shared 2-core AMD EPYC VM (other jobs kept the load average at 3-5, so
+absolute times vary by +-30% between runs), batch 256, median (fastest) of 15 reps in ms; "1 CPU" is
+``taskset -c 0 python scripts/bench_core.py``, which gives JAX and torch one thread each:
+
+    ms                      MLP, 2 threads  MLP, 1 CPU   CNN, 2 threads  CNN, 1 CPU
+    ours (strategy=auto)      86.8 ( 82.8)  181 (158)     65.5 ( 50.7)    76.6 ( 54.8)
+    ours chunked (32)          110 ( 98.5)  210 (188)     64.8 ( 51.3)    80.8 ( 70.9)
+    strategy=rewrite          91.4 ( 82.3)  190 (160)      102 ( 69.8)     132 ( 112)
+    strategy=vmap              233 (  217)  473 (438)      204 (  115)     229 ( 212)
+    torch.func                 101 ( 94.5)  210 (186)      154 ( 49.6)     119 (94.2)
+    python loop                229 (  203)  228 (209)      119 (  105)     117 ( 103)
+    mean grad                  3.0 (  2.8)  9.1 (4.9)     75.9 ( 47.5)    83.8 (73.4)
+    ratio ours/torch.func     0.86 (0.88)  0.86 (0.85)    0.42 (1.02)     0.64 (0.58)
+
+XLA memory (temp + output, MiB): MLP all at once 0.0 + 397.5, chunked 0.2 + 397.5, plain vmap
+392 + 397.5 (the transposed copy); CNN all at once 46.7 + 20.0, chunked 6.0 + 20.0, plain vmap
+141.6 + 20.0; gradient norms only: MLP 1.5 -> 0.3, CNN 48.3 -> 6.1 chunked. The MLP's per-example
+gradients are 400 MB: both libraries spend their time writing them (a Python loop, whose 1.6 MB
+results stay in the cache, is no faster). With two threads torch.func's medians suffer most from the
+other jobs (OpenMP threads spin while they wait); its fastest CNN rep equals ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unlearn_jax import grads
+from unlearn_jax.grads import mean_grad, per_example_grad_norms, per_example_grads
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the optional `bench` extra
+    torch = None
+
+CHUNK = 32
+LOOP_SUBSET = 32
+SETTLE = 0.1  # seconds between timed calls, see interleaved_times
+TORCH_RTOL = 1e-4  # float32 on both sides; differences are summation order in different kernels
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def mlp_problem(batch_size: int, rng: np.random.Generator):
+    params = {
+        "l1": {
+            "w": rng.normal(size=(784, 512)).astype(np.float32) * np.float32(784**-0.5),
+            "b": rng.normal(size=(512,)).astype(np.float32) * np.float32(0.01),
+        },
+        "l2": {
+            "w": rng.normal(size=(512, 10)).astype(np.float32) * np.float32(512**-0.5),
+            "b": np.zeros((10,), np.float32),
+        },
+    }
+    batch = {
+        "x": rng.normal(size=(batch_size, 784)).astype(np.float32),
+        "y": rng.integers(0, 10, size=batch_size).astype(np.int32),
+    }
+
+    def loss(p, ex):
+        h = jax.nn.relu(ex["x"] @ p["l1"]["w"] + p["l1"]["b"])
+        return -jax.nn.log_softmax(h @ p["l2"]["w"] + p["l2"]["b"])[ex["y"]]
+
+    def torch_inputs(p, b):
+        tp = {f"{k}{n}": torch.from_numpy(np.array(p[k][n])) for k in p for n in ("w", "b")}
+        return tp, torch.from_numpy(b["x"]), torch.from_numpy(b["y"]).long()
+
+    def torch_loss(tp, x, y):
+        h = torch.relu(x @ tp["l1w"] + tp["l1b"])
+        return F.cross_entropy((h @ tp["l2w"] + tp["l2b"])[None], y[None])
+
+    def torch_to_jax_layout(tg):
+        return {k: {n: tg[f"{k}{n}"] for n in ("w", "b")} for k in ("l1", "l2")}
+
+    return params, batch, loss, (torch_inputs, torch_loss, torch_to_jax_layout)
+
+
+def cnn_problem(batch_size: int, rng: np.random.Generator):
+    def normal(shape, fan_in):
+        return rng.normal(size=shape).astype(np.float32) * np.float32(fan_in**-0.5)
+
+    params = {
+        "c1": {"w": normal((3, 3, 1, 16), 9), "b": np.full((16,), 0.01, np.float32)},
+        "c2": {"w": normal((3, 3, 16, 32), 144), "b": np.full((32,), 0.01, np.float32)},
+        "d": {"w": normal((7 * 7 * 32, 10), 7 * 7 * 32), "b": np.zeros((10,), np.float32)},
+    }
+    batch = {
+        "x": rng.normal(size=(batch_size, 28, 28, 1)).astype(np.float32),
+        "y": rng.integers(0, 10, size=batch_size).astype(np.int32),
+    }
+
+    def block(h, w, b):
+        h = jax.lax.conv_general_dilated(
+            h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.nn.relu(h + b)
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    def loss(p, ex):
+        h = block(ex["x"][None], p["c1"]["w"], p["c1"]["b"])  # one example as a batch of one
+        h = block(h, p["c2"]["w"], p["c2"]["b"])
+        logits = h.reshape(1, -1) @ p["d"]["w"] + p["d"]["b"]
+        return -jax.nn.log_softmax(logits[0])[ex["y"]]
+
+    def torch_inputs(p, b):
+        def t(a, perm=None):
+            a = np.asarray(a)
+            return torch.from_numpy(np.ascontiguousarray(a if perm is None else a.transpose(perm)))
+
+        tp = {
+            "c1w": t(p["c1"]["w"], (3, 2, 0, 1)),  # HWIO -> OIHW
+            "c1b": t(p["c1"]["b"]),
+            "c2w": t(p["c2"]["w"], (3, 2, 0, 1)),
+            "c2b": t(p["c2"]["b"]),
+            "dw": t(p["d"]["w"]),
+            "db": t(p["d"]["b"]),
+        }
+        return tp, t(b["x"], (0, 3, 1, 2)), torch.from_numpy(b["y"]).long()  # NHWC -> NCHW
+
+    def torch_loss(tp, x, y):
+        h = F.max_pool2d(F.relu(F.conv2d(x[None], tp["c1w"], tp["c1b"], padding=1)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, tp["c2w"], tp["c2b"], padding=1)), 2)
+        h = h.permute(0, 2, 3, 1).reshape(1, -1)  # flatten in JAX's NHWC order
+        return F.cross_entropy(h @ tp["dw"] + tp["db"], y[None])
+
+    def torch_to_jax_layout(tg):  # per-example OIHW -> HWIO
+        return {
+            "c1": {"w": tg["c1w"].transpose(0, 3, 4, 2, 1), "b": tg["c1b"]},
+            "c2": {"w": tg["c2w"].transpose(0, 3, 4, 2, 1), "b": tg["c2b"]},
+            "d": {"w": tg["dw"], "b": tg["db"]},
+        }
+
+    return params, batch, loss, (torch_inputs, torch_loss, torch_to_jax_layout)
+
+
+PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
+
+
+# -------------------------------------------------------------------------------------- measuring
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 3):
+    """Seconds per call of each zero-argument callable, one call of each per repetition.
+
+    Each call's result is freed after its timer stops, followed by a pause of ``SETTLE`` seconds:
+    JAX frees large buffers in the background (about 50 ms for 400 MB), which would otherwise be
+    charged to the next call (on one CPU, a mean gradient then looks 10x slower).
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            result = call()
+            times[name].append(time.perf_counter() - start)
+            del result
+            time.sleep(SETTLE)
+    return times
+
+
+def compile_(fn, *args):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory(compiled):
+    analysis = compiled.memory_analysis()
+    return analysis.temp_size_in_bytes, analysis.output_size_in_bytes
+
+
+def mib(n_bytes):
+    return f"{n_bytes / 2**20:8.1f}"
+
+
+def bench_model(name: str, batch_size: int, reps: int) -> float | None:
+    params_np, batch_np, loss, torch_parts = PROBLEMS[name](batch_size, np.random.default_rng(0))
+    params = jax.tree_util.tree_map(jnp.asarray, params_np)
+    batch = jax.tree_util.tree_map(jnp.asarray, batch_np)
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
+
+    auto_chunk = grads._auto_chunk_size(
+        lambda ex: jax.grad(loss)(params, ex), batch, jax.tree_util.tree_leaves(batch)[0].shape[0]
+    )
+    variants = {
+        "ours": lambda p, b: per_example_grads(loss, p, b),
+        f"ours chunked ({CHUNK})": lambda p, b: per_example_grads(loss, p, b, chunk_size=CHUNK),
+        "ours, strategy=rewrite (all at once)": lambda p, b: per_example_grads(
+            loss, p, b, strategy="rewrite"
+        ),
+        "ours, strategy=vmap (all at once)": lambda p, b: per_example_grads(
+            loss, p, b, strategy="vmap"
+        ),
+        "mean grad": lambda p, b: mean_grad(loss, p, b),
+    }
+    compiled = {label: compile_(fn, params, batch) for label, fn in variants.items()}
+    calls = {label: lambda c=c: block(c(params, batch)) for label, c in compiled.items()}
+
+    reference = compiled["ours"](params, batch)
+    for label in list(variants)[1:4]:
+        jax.tree_util.tree_map(
+            lambda a, b, label=label: np.testing.assert_allclose(
+                a, b, rtol=1e-5, atol=1e-6, err_msg=label
+            ),
+            compiled[label](params, batch),
+            reference,
+        )
+
+    torch_error = None
+    if torch is not None:
+        torch_inputs, torch_loss, to_jax_layout = torch_parts
+        tp, tx, ty = torch_inputs(params_np, batch_np)
+        torch_grads = torch.func.vmap(torch.func.grad(torch_loss), in_dims=(None, 0, 0))
+        got = to_jax_layout({k: v.numpy() for k, v in torch_grads(tp, tx, ty).items()})
+        torch_error = max(
+            float(np.max(np.abs(t - np.asarray(o))) / np.max(np.abs(np.asarray(o))))
+            for t, o in zip(
+                jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference), strict=True
+            )
+        )
+        if not torch_error < TORCH_RTOL:
+            sys.exit(f"{name}: torch.func and ours disagree: max relative error {torch_error:.2e}")
+        calls["torch.func"] = lambda: torch_grads(tp, tx, ty)
+
+    times = interleaved_times(calls, reps)
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
+    minima = {label: min(ts) for label, ts in times.items()}
+
+    # The Python loop: timed on a subset (median of 5 passes over it) and extrapolated.
+    grad_one = jax.jit(jax.grad(loss))
+    examples = [jax.tree_util.tree_map(lambda a, i=i: a[i], batch) for i in range(LOOP_SUBSET)]
+    block(grad_one(params, examples[0]))
+    loop_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        results = [block(grad_one(params, example)) for example in examples]
+        loop_times.append((time.perf_counter() - start) * batch_size / LOOP_SUBSET)
+        del results
+    loop_label = f"python loop (extrapolated from {LOOP_SUBSET})"
+    medians[loop_label], minima[loop_label] = statistics.median(loop_times), min(loop_times)
+
+    norms = {
+        "norms only (default)": lambda p, b: per_example_grad_norms(loss, p, b),
+        "norms only, strategy=rewrite": lambda p, b: per_example_grad_norms(
+            loss, p, b, strategy="rewrite"
+        ),
+        f"norms only, chunked ({CHUNK})": lambda p, b: per_example_grad_norms(
+            loss, p, b, chunk_size=CHUNK
+        ),
+    }
+    mem = {label: memory(compiled[label]) for label in list(variants)[:4]}
+    mem.update({label: memory(compile_(fn, params, batch)) for label, fn in norms.items()})
+
+    print(f"\n== {name}: batch {batch_size}, {n_params:,} parameters, {reps} interleaved reps")
+    print(
+        "ours = per_example_grads(loss, params, batch), default strategy='auto': "
+        + (f"chunks of {auto_chunk}" if auto_chunk else "all at once")
+    )
+    if torch_error is not None:
+        print(f"torch.func gradients agree with ours: max relative error {torch_error:.1e}")
+    print(f"{'median of reps (min)':38s} {'ms':>17s} {'examples/s':>11s} {'x mean':>7s}")
+    for label, seconds in medians.items():
+        if label == "mean grad":
+            continue
+        ratio = seconds / medians["mean grad"]
+        print(
+            f"{label:38s} {seconds * 1e3:8.2f} ({minima[label] * 1e3:6.1f}) "
+            f"{batch_size / seconds:11.0f} {ratio:7.1f}"
+        )
+    mean_ms = f"{medians['mean grad'] * 1e3:8.2f} ({minima['mean grad'] * 1e3:6.1f})"
+    print(f"{'mean grad (one backward pass)':38s} {mean_ms}")
+    print(f"\n{'XLA memory (MiB)':38s} {'temp':>8s} {'output':>8s} {'total':>8s}")
+    for label, (temp, out) in mem.items():
+        print(f"{label:38s} {mib(temp)} {mib(out)} {mib(temp + out)}")
+
+    if "torch.func" not in medians:
+        print(f"{name}: ratio ours/torch.func = n/a (PyTorch not installed)")
+        return None
+    ratio = medians["ours"] / medians["torch.func"]
+    chunked = f"ours chunked ({CHUNK})"
+    print(f"\n{name}: ratio ours/torch.func = {ratio:.2f}")
+    print(
+        f"{name}: ratio ours chunked/torch.func = "
+        f"{medians[chunked] / medians['torch.func']:.2f}; of the fastest reps: ours "
+        f"{minima['ours'] / minima['torch.func']:.2f}, chunked "
+        f"{minima[chunked] / minima['torch.func']:.2f}"
+    )
+    return ratio
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(PROBLEMS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected some of {sorted(PROBLEMS)}")
+    if args.batch < LOOP_SUBSET or args.reps < 1:
+        parser.error(f"need --batch >= {LOOP_SUBSET} and --reps >= 1")
+
+    jax.config.update("jax_platforms", "cpu")
+    n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = f"jax {jax.__version__}"
+    if torch is not None:
+        torch.set_num_threads(n_threads)
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    print(f"{versions}; {n_threads} CPUs; load average before: {os.getloadavg()[0]:.1f}")
+    for name in models:
+        bench_model(name, args.batch, args.reps)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
