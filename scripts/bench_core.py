@@ -37,26 +37,27 @@ gradients, ``B x`` the parameter count), arguments (params and batch) excluded. 
 ``per_example_grads`` and for ``per_example_grad_norms`` (output ``[B]``), where chunking bounds the
 total.
 
-Measured 2026-11-23 on a shared 2-core AMD EPYC VM (other jobs kept the load average at 3-5, so
-absolute times vary by +-30% between runs), batch 256, median (fastest) of 15 reps in ms; "1 CPU" is
-``taskset -c 0 python scripts/bench_core.py``, which gives JAX and torch one thread each:
+Measured 2026-11-23 on a shared 2-core AMD EPYC VM at a quiet moment (load average 1.3-2.3; other
+jobs run there, and at load 5 absolute times vary by +-30%), batch 256, median (fastest) of 15
+interleaved reps in ms; "1 CPU" is ``taskset -c 0 python scripts/bench_core.py``, one thread each:
 
-    ms                      MLP, 2 threads  MLP, 1 CPU   CNN, 2 threads  CNN, 1 CPU
-    ours (strategy=auto)      86.8 ( 82.8)  181 (158)     65.5 ( 50.7)    76.6 ( 54.8)
-    ours chunked (32)          110 ( 98.5)  210 (188)     64.8 ( 51.3)    80.8 ( 70.9)
-    strategy=rewrite          91.4 ( 82.3)  190 (160)      102 ( 69.8)     132 ( 112)
-    strategy=vmap              233 (  217)  473 (438)      204 (  115)     229 ( 212)
-    torch.func                 101 ( 94.5)  210 (186)      154 ( 49.6)     119 (94.2)
-    python loop                229 (  203)  228 (209)      119 (  105)     117 ( 103)
-    mean grad                  3.0 (  2.8)  9.1 (4.9)     75.9 ( 47.5)    83.8 (73.4)
-    ratio ours/torch.func     0.86 (0.88)  0.86 (0.85)    0.42 (1.02)     0.64 (0.58)
+    ms                      MLP, 2 threads  MLP, 1 CPU    CNN, 2 threads  CNN, 1 CPU
+    ours (strategy=auto)      82.4 ( 78.8)   169 ( 157)    59.8 ( 47.2)   72.1 ( 56.2)
+    ours chunked (32)          104 ( 96.7)   189 ( 177)    56.2 ( 47.1)   66.0 ( 56.1)
+    strategy=rewrite          92.7 ( 78.2)   171 ( 154)    75.3 ( 63.3)    118 (  100)
+    strategy=vmap              230 (  209)   437 ( 410)     121 (  112)    209 (  188)
+    torch.func                 100 ( 91.7)   191 ( 178)    63.2 ( 49.8)    101 ( 80.3)
+    python loop                237 (  221)   232 ( 198)     118 (  114)    105 (  103)
+    mean grad                  3.1 (  2.8)   7.0 ( 4.9)    50.7 ( 46.8)   71.9 ( 62.0)
+    ratio ours/torch.func     0.82 (0.86)   0.88 (0.88)    0.95 (0.95)    0.72 (0.70)
 
-XLA memory (temp + output, MiB): MLP all at once 0.0 + 397.5, chunked 0.2 + 397.5, plain vmap
-392 + 397.5 (the transposed copy); CNN all at once 46.7 + 20.0, chunked 6.0 + 20.0, plain vmap
-141.6 + 20.0; gradient norms only: MLP 1.5 -> 0.3, CNN 48.3 -> 6.1 chunked. The MLP's per-example
-gradients are 400 MB: both libraries spend their time writing them (a Python loop, whose 1.6 MB
-results stay in the cache, is no faster). With two threads torch.func's medians suffer most from the
-other jobs (OpenMP threads spin while they wait); its fastest CNN rep equals ours.
+Under load 3-5 the same script gave 0.77-0.91 (MLP) and 0.37-0.72 (CNN): torch.func's medians
+suffer most from other jobs (its OpenMP threads spin while they wait). XLA memory (temp + output,
+MiB): MLP all at once 0.0 + 397.5, chunked 0.2 + 397.5, plain vmap 392 + 397.5 (the transposed
+copy); CNN all at once 46.7 + 20.0, chunked 6.0 + 20.0, plain vmap 141.6 + 20.0; gradient norms
+only: MLP 1.5 -> 0.3, CNN 48.3 -> 6.1 chunked. The MLP's per-example gradients are 400 MB: both
+libraries spend their time writing them (a Python loop, whose 1.6 MB results stay in the cache, is
+no faster).
 """
 
 from __future__ import annotations

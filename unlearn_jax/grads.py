@@ -33,10 +33,10 @@ the order in which overlapping pooling windows add up):
 
 Measured with ``scripts/bench_core.py`` (batch 256, a shared 2-core x86 VM, medians of interleaved
 runs; its header has the table): per-example gradients of a 784-512-10 MLP take 2.5x less time with
-the rewrites (233 -> 91 ms), the time of writing their 400 MB once, and 0.86x the time of
-``torch.func``; those of a two-conv max-pool CNN 2x less all at once (204 -> 102 ms) and 3x less in
-the automatic chunks (65 ms; 0.4-0.65x ``torch.func``'s median, 1.0x its fastest run), while plain
-``vmap`` in chunks of 32 takes 10x that (610 ms: rewrite 3).
+the rewrites (230 -> 92 ms), the time of writing their 400 MB once, and 0.8-0.9x the time of
+``torch.func``; those of a two-conv max-pool CNN 1.6x less all at once (121 -> 75 ms) and 2x less
+in the automatic chunks (60 ms; 0.7-0.95x ``torch.func``), while plain ``vmap`` in chunks of 32
+takes 10x that (610 ms: rewrite 3).
 
 Everything here is pure and jit-able, and works on params and batches that carry shardings
 (``jax.sharding.NamedSharding``): the batch axis of ``vmap`` follows the sharding of the batch.
