@@ -12,7 +12,7 @@ def test_bench_writes_results_json_table_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     code = cli.main([
         "bench", "--model", "linear", "--seeds", "2", "--epochs", "2", "--forget", "class:3",
-        "--methods", "finetune,ssd", "--out", str(out), "--quiet",
+        "--methods", "finetune,ssd", "--shadows", "2", "--out", str(out), "--quiet",
     ])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -23,6 +23,7 @@ def test_bench_writes_results_json_table_and_plots(tmp_path, capsys):
     for row in rows.values():
         for key in ("UA", "RA", "TA", "MIA-Efficacy"):
             assert 0.0 <= row[key] <= 100.0
+        assert 0.0 <= row["LiRA-AUC"] <= 1.0
     # The retrained model never saw class 3; the original did. Forget = the whole class.
     train = data.load("digits").train
     assert record["data"]["forget_size"] == int(np.sum(train.y == 3))

@@ -41,13 +41,14 @@ TABLE_COLUMNS = (
     "RA",
     "TA",
     "MIA-Efficacy",
+    "LiRA-AUC",
     "avg_gap",
     "KLoM95(f)",
     "relearn",
     "time_s",
     "speedup",
 )
-COLUMN_FORMATS = {"time_s": ".2f", "speedup": ".1f", "KLoM95(f)": ".3f"}
+COLUMN_FORMATS = {"time_s": ".2f", "speedup": ".1f", "KLoM95(f)": ".2f", "LiRA-AUC": ".3f"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +66,15 @@ class BenchConfig:
       relearn_steps, relearn_examples, relearn_lr: the relearning attack.
       sweep: grid-search each method's hyper-parameters on a validation forget set first.
       eval_key: seed of the membership-inference attack's subsampling.
+      shadows: shadow models for LiRA (0: no LiRA); each is trained on a random half of
+        train + test, every example IN exactly half of them.
     """
 
     data: str = "digits"
     model: str = "mlp"
     forget: str = "random:0.1"
     methods: tuple[str, ...] = ("all",)
-    seeds: int = 4
+    seeds: int = 8
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -81,6 +84,7 @@ class BenchConfig:
     relearn_lr: float = 1e-3
     sweep: bool = False
     eval_key: int = 0
+    shadows: int = 8
 
     def method_names(self) -> list[str]:
         if tuple(self.methods) in (("all",), ()):
@@ -176,6 +180,7 @@ class _Setup:
             **fit_kwargs,
         )
         self.original0 = _index(self.originals, 0)
+        self.lira_setup = self._train_shadows(fit_kwargs, progress) if config.shadows else None
         self.eval_sets = {
             "forget": self.split.forget,
             "retain": self.split.retain,
@@ -185,8 +190,43 @@ class _Setup:
             g: _logits(self.task, self.oracles.params, d) for g, d in self.eval_sets.items()
         }
 
+    def _train_shadows(self, fit_kwargs, progress):
+        """LiRA's shadow models: one ``fit_many`` over member masks on the pool train + test."""
+        cfg, train, test = self.config, self.splits.train, self.splits.test
+        pool = data.Dataset(
+            x=np.concatenate([train.x, test.x]), y=np.concatenate([train.y, test.y]),
+            ids=np.concatenate([train.ids, test.ids]), name="shadow-pool",
+            num_classes=train.num_classes,
+        )  # fmt: skip
+        m, n = cfg.shadows, len(pool)
+        # Every example IN exactly half of the shadow models (a balanced design: LiRA fits an
+        # IN and an OUT Gaussian per example, so both sides need models).
+        ranks = np.argsort(np.random.default_rng(cfg.eval_key).random((m, n)), axis=0)
+        members = ranks < m // 2
+        progress(f"training {m} LiRA shadow models on random halves of train + test")
+        shadows, _ = training.fit_many(
+            self.model, self.task, self.sample, self.optimizer, pool,
+            keys=jax.random.split(jax.random.key(20_000), m), data_key=self.data_key,
+            member_masks=members, **fit_kwargs,
+        )  # fmt: skip
+        # The attack's targets: forget examples (members of the original) and test examples.
+        eval_pos = np.concatenate([pool.positions(self.split.forget.ids), pool.positions(test.ids)])
+        targets = pool.take(eval_pos)
+        shadow_phi = mia.logit_margins(_logits(self.task, shadows.params, targets), targets.y)
+        truth = np.concatenate([np.ones(len(self.split.forget), bool), np.zeros(len(test), bool)])
+        return targets, shadow_phi, members[:, eval_pos], truth
+
+    def lira(self, params) -> dict[str, float]:
+        """LiRA (online, fixed variance) on forget-vs-test; AUC near 0.5 means forgotten."""
+        if self.lira_setup is None:
+            return {}
+        targets, shadow_phi, shadow_in, truth = self.lira_setup
+        phi = mia.logit_margins(_logits(self.task, _stack1(params), targets)[0], targets.y)
+        _, metrics = mia.lira(shadow_phi, shadow_in, phi, target_in=truth, fix_variance=True)
+        return metrics
+
     def evaluate(self, params) -> dict[str, float]:
-        return evaluation.evaluate_unlearning(
+        metrics = evaluation.evaluate_unlearning(
             self.task,
             params,
             forget=self.split.forget,
@@ -194,6 +234,7 @@ class _Setup:
             test=self.splits.test,
             key=self.config.eval_key,
         )
+        return {**metrics, **self.lira(params)}
 
     def relearn(self, params) -> dict[str, float]:
         cfg = self.config
@@ -243,6 +284,7 @@ def _row(name, metrics, retrain_metrics, relearn, klom, wall, retrain_time) -> d
         "RA": metrics["RA"],
         "TA": metrics["TA"],
         "MIA-Efficacy": metrics["MIA-Efficacy"],
+        "LiRA-AUC": metrics.get("mia/lira/auc"),
         "avg_gap": gaps.get("avg_gap", 0.0),
         "KLoM95(f)": klom.get("klom/forget/p95", float("nan")),
         "relearn": 100.0

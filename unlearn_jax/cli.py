@@ -77,6 +77,7 @@ def cmd_bench(args) -> int:
         learning_rate=args.lr,
         forget_seed=args.forget_seed,
         sweep=args.sweep,
+        shadows=args.shadows,
     )
     config.method_names()  # unknown names fail before any work
     out = _fresh_dir(args.out, "bench")
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget", default="random:0.1", help="class:K | random:FRACTION | ids:FILE | ids:1,2,3"
     )
     b.add_argument("--methods", default="all", help="'all' or a comma-separated list")
-    b.add_argument("--seeds", type=int, default=4, help="originals / oracles (for KLoM)")
+    b.add_argument("--seeds", type=int, default=8, help="originals / oracles (for KLoM)")
+    b.add_argument("--shadows", type=int, default=8, help="LiRA shadow models (0: no LiRA)")
     b.add_argument("--epochs", type=int, default=30)
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--lr", type=float, default=1e-3)
