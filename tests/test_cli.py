@@ -97,3 +97,23 @@ def test_bad_input_names_the_problem(tmp_path, capsys):
     assert "expected one of" in capsys.readouterr().err
     assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_sweep_keeps_the_setting_with_the_smallest_validation_gap(tmp_path):
+    out = tmp_path / "sweep"
+    code = cli.main([
+        "bench", "--model", "linear", "--seeds", "2", "--shadows", "0", "--epochs", "2",
+        "--forget", "random:0.1", "--methods", "gradient_ascent", "--sweep", "--out", str(out),
+        "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "results.json").read_text())
+    sweep = record["methods"]["gradient_ascent"]["sweep"]
+    trials = sweep["trials"]
+    assert [t["overrides"]["steps"] for t in trials] == sweep["grid"]["steps"]
+    best = min(trials, key=lambda t: t["avg_gap"])
+    assert sweep["best"] == best["overrides"]
+    # The final row ran with the chosen setting, on a forget set other than the validation one.
+    assert record["methods"]["gradient_ascent"]["run"]["steps"] == best["overrides"]["steps"]
+    assert sweep["validation_forget"] != record["data"]["forget_spec"]
+    assert "LiRA-AUC" not in record["rows"][0] or record["rows"][0]["LiRA-AUC"] is None
