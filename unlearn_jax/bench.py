@@ -20,6 +20,7 @@ hyper-parameters and run length, seeds, library and JAX versions), so any row ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -118,10 +119,15 @@ def _index(tree, i):
     return jax.tree_util.tree_map(lambda a: a[i], tree)
 
 
+@functools.cache
+def _stacked_apply(task):
+    """One jitted ``vmap`` of ``task.apply`` per task, so every call reuses its compilations."""
+    return jax.jit(jax.vmap(task.apply, in_axes=(0, None)))
+
+
 def _logits(task, stacked_params, dataset) -> np.ndarray:
     """Logits ``[M, N, C]`` of ``M`` stacked models on a data set."""
-    apply = jax.jit(jax.vmap(task.apply, in_axes=(0, None)))
-    return np.asarray(apply(stacked_params, jnp.asarray(dataset.x)))
+    return np.asarray(_stacked_apply(task)(stacked_params, jnp.asarray(dataset.x)))
 
 
 class _Setup:

@@ -172,6 +172,16 @@ def fixed_size_batches(dataset, batch_size: int, key: jax.Array) -> Iterator[Bat
     return batch_stream(dataset, min(batch_size, len(dataset)), key=key)
 
 
+def _batch_streams(method: Unlearner, forget, retain, batch_size: int, forget_key, retain_key):
+    """The forget and retain batch streams a method reads (``None`` for a side it does not)."""
+    forget_stream = (
+        fixed_size_batches(forget, batch_size, forget_key) if method.needs_forget_batches else None
+    )
+    use_retain = retain is not None and len(retain) > 0 and method.needs_retain
+    retain_stream = fixed_size_batches(retain, batch_size, retain_key) if use_retain else None
+    return forget_stream, retain_stream
+
+
 def _check_finite_loss(metrics: list[Metrics], first_step: int, method: str):
     """Raises on the first step whose loss is NaN/inf; one device-to-host copy per check."""
     if not metrics or "loss" not in metrics[0]:
@@ -305,11 +315,9 @@ def unlearn(
     # A weakly typed input leaf (jnp.full(.., 0.1), TrainState.create's Python step 0) comes back
     # strongly typed from the first step and would make the second step compile again.
     state, method_state = _strongly_typed(state), _strongly_typed(method_state)
-    forget_stream = (
-        fixed_size_batches(forget, batch_size, forget_key) if method.needs_forget_batches else None
+    forget_stream, retain_stream = _batch_streams(
+        method, forget, retain, batch_size, forget_key, retain_key
     )
-    use_retain = retain is not None and n_retain > 0 and method.needs_retain
-    retain_stream = fixed_size_batches(retain, batch_size, retain_key) if use_retain else None
 
     from tqdm.auto import tqdm  # local: keeps import time of the library low
 
@@ -434,13 +442,7 @@ def unlearn_many(
             history = [metrics]
         else:
             states_, method_states = _strongly_typed(states), _strongly_typed(method_states)
-            fs = (
-                fixed_size_batches(forget, batch_size, forget_key)
-                if planned.needs_forget_batches
-                else None
-            )
-            use_retain = retain is not None and n_retain > 0 and planned.needs_retain
-            rs = fixed_size_batches(retain, batch_size, retain_key) if use_retain else None
+            fs, rs = _batch_streams(planned, forget, retain, batch_size, forget_key, retain_key)
             history = []
             for step in range(total_steps):
                 fb = next(fs) if fs is not None else None
