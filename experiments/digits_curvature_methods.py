@@ -82,6 +82,7 @@ from unlearn_jax.models import get_model, model_task  # noqa: E402
 from unlearn_jax.training import (  # noqa: E402
     create_train_state,
     evaluate_accuracy,
+    fit_full_batch,
     retrain,
     train_original,
 )
@@ -207,39 +208,12 @@ def run_mlp(splits):
 
 # ---- part 2: logistic regression and Newton removal -----------------------------------------------
 def _lbfgs(task, train, l2):
-    batch = {k: v for k, v in train.as_batch().items() if k != "id"}
-    opt = optax.lbfgs()
-
-    @jax.jit
-    def run(params, weights):
-        def objective(p):
-            losses = task.batch_losses(p, batch)
-            return jnp.sum(weights * losses) / jnp.sum(weights) + 0.5 * l2 * optax.tree.norm(
-                p, squared=True
-            )
-
-        value_and_grad = optax.value_and_grad_from_state(objective)
-
-        def step(carry):
-            p, state = carry
-            value, grad = value_and_grad(p, state=state)
-            updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=objective)
-            return optax.apply_updates(p, updates), state
-
-        def cond(carry):
-            _, state = carry
-            k, g = optax.tree.get(state, "count"), optax.tree.get(state, "grad")
-            return (k == 0) | ((k < 3000) & (optax.tree.norm(g) > 1e-10))
-
-        return jax.lax.while_loop(cond, step, (params, opt.init(params)))[0]
+    """A timed wrapper of :func:`unlearn_jax.training.fit_full_batch` (one compilation)."""
 
     def fit(params, member_ids=None):
-        weights = np.ones(len(train))
-        if member_ids is not None:
-            weights = np.isin(train.ids, member_ids).astype(np.float64)
         start = time.perf_counter()
-        out = jax.block_until_ready(run(params, jnp.asarray(weights)))
-        return out, time.perf_counter() - start
+        out = fit_full_batch(task, params, train, l2=l2, member_ids=member_ids)
+        return jax.block_until_ready(out), time.perf_counter() - start
 
     return fit
 

@@ -410,3 +410,22 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(training, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_fit_full_batch_reaches_the_stationary_point_of_the_weighted_objective():
+    from unlearn_jax import data as data_mod
+    from unlearn_jax.training import create_train_state, fit_full_batch
+
+    train = data_mod.load("synthetic", n=120, dim=4, classes=3, seed=0).train
+    model = get_model("linear", num_outputs=3)
+    task = model_task(model)
+    params = create_train_state(model, train.x[:1], optax.sgd(0.1), jax.random.key(0)).params
+    members = train.ids[::2]
+    theta = fit_full_batch(task, params, train, l2=0.1, member_ids=members, tol=1e-6)
+    # Independent check: the gradient of the objective on the members alone vanishes there.
+    sub = {k: v for k, v in train.by_ids(members).as_batch().items() if k != "id"}
+    objective = lambda p: task.batch_loss(p, sub) + 0.05 * optax.tree.norm(p, squared=True)
+    assert float(optax.tree.norm(jax.grad(objective)(theta))) < 1e-5
+    assert float(objective(theta)) < float(objective(params))
+    with pytest.raises(ValueError, match="none of member_ids"):
+        fit_full_batch(task, params, train, l2=0.1, member_ids=[10**6])
