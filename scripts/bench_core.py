@@ -73,8 +73,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unlearn_jax import grads
-from unlearn_jax.grads import mean_grad, per_example_grad_norms, per_example_grads
+from unlearn_jax.core import cpu_rewrites
+from unlearn_jax.core.grads import mean_grad, per_example_grad_norms, per_example_grads
 
 try:
     import torch
@@ -233,7 +233,7 @@ def bench_model(name: str, batch_size: int, reps: int) -> float | None:
     batch = jax.tree_util.tree_map(jnp.asarray, batch_np)
     n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
 
-    auto_chunk = grads._auto_chunk_size(
+    auto_chunk = cpu_rewrites.auto_chunk_size(
         lambda ex: jax.grad(loss)(params, ex), batch, jax.tree_util.tree_leaves(batch)[0].shape[0]
     )
     variants = {

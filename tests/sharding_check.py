@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests._problems import flat, mlp_problem
-from unlearn_jax import curvature, grads, sharding, solvers
+from unlearn_jax import sharding
+from unlearn_jax.core import curvature, grads, solvers
 
 
 def main():

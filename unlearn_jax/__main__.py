@@ -1,3 +1,3 @@
-from unlearn_jax.cli import main
+from unlearn_jax.apps.cli import main
 
 raise SystemExit(main())

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unlearn_jax.core.task import Task
 from unlearn_jax.evaluation import metrics
-from unlearn_jax.task import Task
 
 RTOL_F32 = 1e-6  # float32 logits of a 3x3 matmul against a float64 numpy reference
 ATOL_F32 = 1e-6

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unlearn_jax.core.task import Task
 from unlearn_jax.data import Dataset
 from unlearn_jax.evaluation import relearning_attack
-from unlearn_jax.task import Task
 
 TASK = Task(apply=lambda p, x: x @ p["w"] + p["b"][None])
 

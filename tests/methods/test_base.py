@@ -7,12 +7,12 @@ import optax
 import pytest
 from flax.training.train_state import TrainState
 
+from unlearn_jax.core.task import Task
 from unlearn_jax.data import Dataset
 from unlearn_jax.methods import gradient as G
 from unlearn_jax.methods import objectives as O
 from unlearn_jax.methods import transforms as T
 from unlearn_jax.methods.base import NonFiniteLossError, RunInfo, Unlearner, unlearn
-from unlearn_jax.task import Task
 
 TASK = Task(apply=lambda p, x: x @ p["w"] + p["b"][None])
 

@@ -14,11 +14,11 @@ import pytest
 from flax.training.train_state import TrainState
 
 from unlearn_jax import data
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods import gradient as G
 from unlearn_jax.methods import objectives as O
 from unlearn_jax.methods.base import Unlearner, unlearn
 from unlearn_jax.models import get_model, model_task
-from unlearn_jax.task import Task
 from unlearn_jax.training import evaluate_accuracy, train_original
 
 RTOL = 1e-5

@@ -10,6 +10,8 @@ import pytest
 from tests._problems import flat, logistic_problem
 from tests.methods._digits import digits, fit_logistic
 from unlearn_jax import data
+from unlearn_jax.core.solvers import SolverDidNotConverge
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods.base import unlearn
 from unlearn_jax.methods.influence import (
     empirical_fisher_vp,
@@ -18,8 +20,6 @@ from unlearn_jax.methods.influence import (
     removal_system,
 )
 from unlearn_jax.models import get_model, model_task
-from unlearn_jax.solvers import SolverDidNotConverge
-from unlearn_jax.task import Task
 from unlearn_jax.training import create_train_state
 
 L2 = 1e-2

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods import objectives as O
-from unlearn_jax.task import Task
 
 RTOL = 1e-5  # float32 log-softmax / log-sigmoid against float64 numpy
 ATOL = 1e-6

@@ -8,12 +8,12 @@ import optax
 import pytest
 
 from tests._problems import loop_grads, mlp_problem
+from unlearn_jax.core.task import Task
 from unlearn_jax.data import Dataset
 from unlearn_jax.methods import objectives as O
 from unlearn_jax.methods import transforms as T
 from unlearn_jax.methods.base import unlearn
 from unlearn_jax.methods.gradient import gradient_method
-from unlearn_jax.task import Task
 
 RTOL = 1e-5  # same float32 operations in a different order
 ATOL = 1e-6

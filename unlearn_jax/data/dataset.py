@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
-from unlearn_jax.task import CLASSIFICATION, REGRESSION
+from unlearn_jax.core.task import CLASSIFICATION, REGRESSION
 
 # Batches carry ids as int32 (JAX's default integer); ids must fit, and -1 is left free to mark the
 # padding rows of `padded_batches`.

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from unlearn_jax import _validate
-from unlearn_jax.task import CLASSIFICATION, Task
+from unlearn_jax.core.task import CLASSIFICATION, Task
 
 
 class RelearnResult(NamedTuple):

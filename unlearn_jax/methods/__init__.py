@@ -6,7 +6,7 @@ transforms (:mod:`~unlearn_jax.methods.transforms`) and any optax optimizer. One
 influence removal, WoodFisher, IAU, analytic unlearning) implement the same protocol.
 """
 
-from unlearn_jax.methods import objectives, registry, transforms
+from unlearn_jax.methods import objectives, transforms
 from unlearn_jax.methods.analytic import AnalyticHead, NotLearnedError, acu, fit_analytic_head
 from unlearn_jax.methods.base import (
     NonFiniteLossError,
@@ -81,7 +81,6 @@ __all__ = [
     "npo",
     "objectives",
     "random_label",
-    "registry",
     "saliency_mask",
     "salun",
     "sam",

@@ -55,8 +55,8 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from unlearn_jax import _validate
+from unlearn_jax.core.task import CLASSIFICATION, Task
 from unlearn_jax.methods.base import Unlearner
-from unlearn_jax.task import CLASSIFICATION, Task
 
 # Relative tolerance when comparing an example's fingerprint at removal with the one recorded when it
 # was learned. Features recomputed by the same float32 backbone can differ in the last bits between

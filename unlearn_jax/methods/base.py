@@ -39,8 +39,8 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from unlearn_jax import _validate
+from unlearn_jax.core.task import Task
 from unlearn_jax.data.batching import batch_stream
-from unlearn_jax.task import Task
 
 MethodState = Any
 Batch = dict[str, jax.Array]

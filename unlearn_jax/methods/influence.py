@@ -31,9 +31,9 @@ Hessian for linear models with a convex loss), or the empirical Fisher
 :math:`\frac1n\sum_{S} g_i g_i^\top` (``"fisher"``). The L2 term contributes
 :math:`\mu\,|S|/n` to the diagonal, which is passed to the solver together with :math:`\delta`, so a
 positive ``l2`` makes CG and LiSSA applicable without extra damping. The linear system is solved by
-:func:`unlearn_jax.solvers.inverse_hvp` (``"cg"``, ``"lissa"``, ``"dense"``), whose convergence
+:func:`unlearn_jax.core.solvers.inverse_hvp` (``"cg"``, ``"lissa"``, ``"dense"``), whose convergence
 information is returned in the metrics (``ihvp/*``); ``throw=True`` turns a solve that missed its
-tolerance into a :class:`~unlearn_jax.solvers.SolverDidNotConverge`.
+tolerance into a :class:`~unlearn_jax.core.solvers.SolverDidNotConverge`.
 
 References:
   Koh, Liang. "Understanding Black-box Predictions via Influence Functions", ICML 2017.
@@ -53,11 +53,11 @@ import jax.numpy as jnp
 import optax
 
 from unlearn_jax import _validate
-from unlearn_jax.curvature import ggn_vp, hvp
-from unlearn_jax.grads import check_loss_fn, mean_grad, sum_over_chunks
+from unlearn_jax.core.curvature import ggn_vp, hvp
+from unlearn_jax.core.grads import check_loss_fn, mean_grad, sum_over_chunks
+from unlearn_jax.core.solvers import InverseHVPResult, SolverDidNotConverge, inverse_hvp
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods.base import Unlearner
-from unlearn_jax.solvers import InverseHVPResult, SolverDidNotConverge, inverse_hvp
-from unlearn_jax.task import Task
 
 Params = Any
 CURVATURES = ("hessian", "ggn", "fisher")
@@ -314,7 +314,7 @@ def influence_removal(
       guarantee; use ``curvature="ggn"`` or ``"fisher"`` with damping.
 
     Args:
-      solver: ``"cg"``, ``"lissa"`` or ``"dense"`` (:func:`unlearn_jax.solvers.inverse_hvp`).
+      solver: ``"cg"``, ``"lissa"`` or ``"dense"`` (:func:`unlearn_jax.core.solvers.inverse_hvp`).
       damping: :math:`\delta \ge 0`, added to the diagonal (needed for CG/LiSSA when ``l2 = 0``).
       curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
       hessian_data: ``"retain"`` (Newton step on the retain objective) or ``"all"`` (Koh & Liang).
@@ -328,13 +328,13 @@ def influence_removal(
         products), which makes the recursion contract at rate ``1 - lambda_min / lambda_max``.
       lissa_depth: LiSSA's maximum recursion depth.
       chunk_size: curvature products summed over sub-batches of this size (memory bound).
-      throw: raise :class:`~unlearn_jax.solvers.SolverDidNotConverge` when the solve did not reach
+      throw: raise :class:`~unlearn_jax.core.solvers.SolverDidNotConverge` when the solve did not reach
         ``tol`` (otherwise it is reported in the metrics as ``ihvp/converged = False``).
 
     Returns:
       An :class:`Unlearner` named ``"influence"`` (needs the retain set: its size is ``n - n_f`` and
       it carries the Hessian). Its method state after ``update`` is the
-      :class:`~unlearn_jax.solvers.InverseHVPResult`.
+      :class:`~unlearn_jax.core.solvers.InverseHVPResult`.
 
     References:
       Koh & Liang, ICML 2017; Guo et al., ICML 2020.

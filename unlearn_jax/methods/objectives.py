@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
-from unlearn_jax.task import CLASSIFICATION, Task
+from unlearn_jax.core.task import CLASSIFICATION, Task
 
 Params = Any
 Batch = dict[str, jax.Array]

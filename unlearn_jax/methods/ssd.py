@@ -73,10 +73,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
-from unlearn_jax.curvature import diag_fisher, diag_fisher_batch_mean
-from unlearn_jax.grads import chunked_sum, mean_grad
+from unlearn_jax.core.curvature import diag_fisher, diag_fisher_batch_mean
+from unlearn_jax.core.grads import chunked_sum, mean_grad
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods.base import Unlearner
-from unlearn_jax.task import Task
 
 Params = Any
 ESTIMATORS = ("fisher", "batch_mean")

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unlearn_jax import _validate, grads
+from unlearn_jax import _validate
+from unlearn_jax.core import grads
+from unlearn_jax.core.task import Task
 from unlearn_jax.methods.objectives import FORGET, PARAMS, RETAIN, Context, Metrics, Objective
-from unlearn_jax.task import Task
 
 Params = Any
 TermStates = dict[str, Any]

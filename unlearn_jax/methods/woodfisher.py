@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from unlearn_jax import _validate
-from unlearn_jax.grads import per_example_grads
+from unlearn_jax.core.grads import per_example_grads
 from unlearn_jax.methods._streaming import mean_loss_grad
 from unlearn_jax.methods.base import Unlearner
 

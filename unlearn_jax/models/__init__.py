@@ -28,7 +28,7 @@ from unlearn_jax.models.cnn import CNN
 from unlearn_jax.models.linear import Linear
 from unlearn_jax.models.mlp import MLP, MLPRegressor
 from unlearn_jax.models.resnet import ResNet
-from unlearn_jax.task import CLASSIFICATION, Task, flax_task
+from unlearn_jax.core.task import CLASSIFICATION, Task, flax_task
 
 MODELS: dict[str, type[nn.Module]] = {
     "linear": Linear,

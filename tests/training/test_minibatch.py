@@ -394,7 +394,7 @@ def test_the_epoch_order_is_that_of_padded_batches():
     ds = classification(n=10)
     key = jax.random.key(3)
     for epoch in range(2):
-        idx, valid = training._epoch_plan(key, epoch, n=10, batch_size=4)
+        idx, valid = training.minibatch._epoch_plan(key, epoch, n=10, batch_size=4)
         batches = list(padded_batches(ds, 4, key=jax.random.fold_in(key, epoch)))
         assert len(batches) == 3 and not valid[3:].any()
         for s, (batch, mask) in enumerate(batches):
@@ -408,7 +408,7 @@ def test_the_epoch_order_is_that_of_padded_batches():
 def test_docstring_examples_run():
     import doctest
 
-    result = doctest.testmod(training, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(training.minibatch, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 from unlearn_jax import _validate, data, evaluation, models, training
+from unlearn_jax.apps import registry
 from unlearn_jax.evaluation import mia
-from unlearn_jax.methods import registry
 from unlearn_jax.methods.base import unlearn, unlearn_many
 
 TABLE_COLUMNS = (
@@ -60,7 +60,7 @@ class BenchConfig:
       data: data set name for :func:`unlearn_jax.data.load`.
       model: model name for :func:`unlearn_jax.models.get_model`.
       forget: forget spec for :func:`unlearn_jax.data.select_forget`.
-      methods: method names from :data:`unlearn_jax.methods.registry.METHODS`, or ``("all",)``.
+      methods: method names from :data:`unlearn_jax.apps.registry.METHODS`, or ``("all",)``.
       seeds: number of original models / oracles (KLoM compares distributions over seeds).
       epochs, batch_size, learning_rate: the training recipe (Adam) of originals and oracles.
       forget_seed: seed of a random forget set.

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from unlearn_jax import cli, data
+from unlearn_jax import data
+from unlearn_jax.apps import cli
 
 
 def test_bench_writes_results_json_table_and_plots(tmp_path, capsys):

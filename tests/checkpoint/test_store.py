@@ -267,7 +267,7 @@ def test_a_commit_failing_between_renames_rolls_back(tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         real_rename(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
+    monkeypatch.setattr(checkpoint.store.os, "rename", failing_rename)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(tmp_path, _state(seed=1), {"which": "new"}, overwrite=True)
     monkeypatch.undo()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests._problems import explicit_hessian, flat, logistic_problem, mlp_problem
-from unlearn_jax import curvature, solvers
+from unlearn_jax.core import curvature, solvers
 
 SOLVE_RTOL_F32 = 1e-4  # the bar for CG/dense on a well-conditioned float32 problem
 LISSA_RTOL = 1e-3  # LiSSA is a fixed-point iteration: looser, stated here

@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from tests._problems import logistic_problem, loop_grads, mlp_problem
-from unlearn_jax import grads
+from unlearn_jax.core import cpu_rewrites, grads
 
 RTOL_F32 = 1e-5  # vmap and the loop run the same float32 ops; differences are summation order
 ATOL_F32 = 1e-6
@@ -163,10 +163,10 @@ def test_unknown_strategy_is_rejected():
 
 
 def test_auto_strategy_rewrites_on_the_cpu_only(monkeypatch):
-    assert grads._use_rewrite("auto") == (jax.default_backend() == "cpu")
+    assert cpu_rewrites.use_rewrite("auto") == (jax.default_backend() == "cpu")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not grads._use_rewrite("auto")
-    assert grads._use_rewrite("rewrite") and not grads._use_rewrite("vmap")
+    assert not cpu_rewrites.use_rewrite("auto")
+    assert cpu_rewrites.use_rewrite("rewrite") and not cpu_rewrites.use_rewrite("vmap")
 
 
 # The jaxpr rewrites, one at a time: each must fire on its pattern and give the same numbers.
@@ -193,9 +193,9 @@ def test_rewrite_folds_the_transpose_of_per_example_dense_weight_gradients(jit_i
         assert "transpose" not in plain and plain.count("jit") + plain.count("pjit") == 2
     else:
         assert plain.count("transpose") == 2  # one per weight matrix
-    rewritten = _primitives(grads._rewritten(per_example), params, batch)
+    rewritten = _primitives(cpu_rewrites._rewritten(per_example), params, batch)
     assert "transpose" not in rewritten and "jit" not in rewritten
-    got = jax.jit(grads._rewritten(per_example))(params, batch)
+    got = jax.jit(cpu_rewrites._rewritten(per_example))(params, batch)
     want = jax.jit(per_example)(params, batch)
     if jit_inside:  # XLA fuses the inlined jit differently (tanh and its derivative): rounding
         _assert_same(got, want, rtol=RTOL_F32, atol=ATOL_F32)
@@ -211,9 +211,9 @@ def test_rewrite_folds_only_transposes_that_swap_the_free_dimensions():
         other = lax.dot_general(a, b, (((), ()), ((0,), (0,))))
         return outer.transpose(0, 2, 1), other.transpose(1, 0, 2)
 
-    prims = _primitives(grads._rewritten(fn), a, b)
+    prims = _primitives(cpu_rewrites._rewritten(fn), a, b)
     assert prims.count("transpose") == 1  # (1, 0, 2) moves the batch dim: not a swap
-    _assert_same(grads._rewritten(fn)(a, b), fn(a, b))
+    _assert_same(cpu_rewrites._rewritten(fn)(a, b), fn(a, b))
 
 
 def test_rewrite_keeps_a_dot_general_read_twice():
@@ -223,8 +223,8 @@ def test_rewrite_keeps_a_dot_general_read_twice():
         outer = lax.dot_general(a, b, (((), ()), ((0,), (0,))))
         return outer.transpose(0, 2, 1), outer * 2.0
 
-    assert _primitives(grads._rewritten(fn), a, b).count("dot_general") == 1
-    _assert_same(grads._rewritten(fn)(a, b), fn(a, b))
+    assert _primitives(cpu_rewrites._rewritten(fn), a, b).count("dot_general") == 1
+    _assert_same(cpu_rewrites._rewritten(fn)(a, b), fn(a, b))
 
 
 POOLS = {
@@ -256,9 +256,9 @@ def test_rewritten_pooling_gradient_matches_select_and_scatter_add(pool, values)
         return jax.grad(lambda x: jnp.sum(jnp.sin(pooled(x))))(x)
 
     plain = jax.jit(grad)
-    rewritten = jax.jit(grads._rewritten(grad))
+    rewritten = jax.jit(cpu_rewrites._rewritten(grad))
     assert "select_and_scatter_add" in _primitives(grad, x)
-    assert "select_and_scatter_add" not in _primitives(grads._rewritten(grad), x)
+    assert "select_and_scatter_add" not in _primitives(cpu_rewrites._rewritten(grad), x)
     # The same element of each window is chosen; only overlapping windows add in another order.
     tol = 1e-6 if strides != window else 0.0
     np.testing.assert_allclose(rewritten(x), plain(x), rtol=tol, atol=tol)
@@ -346,15 +346,15 @@ def test_auto_chunks_when_intermediates_outweigh_the_output():
     # CNN: one example's activations and their gradients (~10 kB) outweigh its gradient (~1 kB).
     params, batch, loss_fn, _ = _big(cnn_problem, 70)
     grad_one = lambda ex: jax.grad(loss_fn)(params, ex)
-    assert grads._auto_chunk_size(grad_one, batch, 70) == grads._AUTO_CHUNK
+    assert cpu_rewrites.auto_chunk_size(grad_one, batch, 70) == cpu_rewrites._AUTO_CHUNK
     # MLP 784-64-10: the gradient (50 kB) outweighs the activations; its norm does not.
     params, batch, loss_fn, _ = mlp_problem(n=70, d=784, hidden=64, classes=10)
     grad_one = lambda ex: jax.grad(loss_fn)(params, ex)
-    assert grads._auto_chunk_size(grad_one, batch, 70) is None
+    assert cpu_rewrites.auto_chunk_size(grad_one, batch, 70) is None
     norm_one = lambda ex: optax.tree.norm(grad_one(ex))
-    assert grads._auto_chunk_size(norm_one, batch, 70) == grads._AUTO_CHUNK
+    assert cpu_rewrites.auto_chunk_size(norm_one, batch, 70) == cpu_rewrites._AUTO_CHUNK
     # Too small a batch for two chunks: all at once.
-    assert grads._auto_chunk_size(norm_one, batch, 63) is None
+    assert cpu_rewrites.auto_chunk_size(norm_one, batch, 63) is None
 
 
 def test_auto_chunked_grads_match_python_loop():
@@ -414,4 +414,7 @@ def test_per_example_grads_can_be_differentiated(chunk_size):
 
     got = jax.jit(jax.grad(total_norm), static_argnums=1)(params, "rewrite")
     want = jax.jit(jax.grad(total_norm), static_argnums=1)(params, "vmap")
-    _assert_same(got, want, rtol=RTOL_F32, atol=ATOL_F32)
+    # A second derivative summed over the batch: entries of ~1 sit among entries of ~30, so the
+    # absolute error of a float32 reassociation scales with the largest entry, not with each entry.
+    scale = max(float(jnp.max(jnp.abs(w))) for w in jax.tree_util.tree_leaves(want))
+    _assert_same(got, want, rtol=RTOL_F32, atol=ATOL_F32 * scale)

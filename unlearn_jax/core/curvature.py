@@ -28,37 +28,25 @@ import jax
 import jax.numpy as jnp
 
 from unlearn_jax import _validate
-from unlearn_jax.grads import LossFn, check_loss_fn, chunked_sum, sum_over_chunks
+from unlearn_jax.core import reductions
+from unlearn_jax.core.grads import LossFn, check_loss_fn, sum_over_chunks
 
 Params = Any
 Batch = Any
 
 
-def _iter_batches(batches: Iterable[Batch], fn_name: str):
+def _checked(batches: Iterable[Batch], loss_fn, params, fn_name: str):
+    """The batches, the first one checked against ``loss_fn`` (a clear error before any compile)."""
     if isinstance(batches, (Mapping, jax.Array)):
         raise TypeError(
             f"{fn_name} takes an ITERABLE of batches (e.g. a list or a generator), got a single "
             f"{type(batches).__name__}; wrap one batch as [batch]."
         )
-    yield from batches
-
-
-def _square_tree(tree):
-    return jax.tree_util.tree_map(jnp.square, tree)
-
-
-def _stream_mean(step, params, batches, fn_name, *step_args):
-    """Sums ``step(params, batch, *args) -> (total, count)`` over an iterable of batches."""
-    total, count = None, 0
-    for index, batch in enumerate(_iter_batches(batches, fn_name)):
-        size = _validate.batch_size(batch, f"batch {index}")
-        args = [a(index) if callable(a) else a for a in step_args]
-        part = step(params, batch, *args)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        count += size
-    if total is None:
-        raise ValueError(f"{fn_name} got no batches; the data must hold at least one example.")
-    return total, count
+    for index, batch in enumerate(batches):
+        if index == 0 and loss_fn is not None:
+            check_loss_fn(loss_fn, params, {k: v for k, v in batch.items() if k != "mask"}
+                          if isinstance(batch, Mapping) else batch, "batch 0")  # fmt: skip
+        yield batch
 
 
 def diag_fisher(
@@ -66,8 +54,11 @@ def diag_fisher(
 ) -> Params:
     """Empirical diagonal Fisher ``F = (1/N) sum_{i=1}^N g_i ** 2`` over every example of ``batches``.
 
-    Streaming: one batch is on the device at a time, so the data set never has to fit in memory.
-    Within a batch, ``chunk_size`` bounds how many per-example gradients exist at once.
+    Streaming (:func:`unlearn_jax.core.reductions.squared_gradient_mean`): one batch is on the device
+    at a time, so the data set never has to fit in memory, and the per-batch step is compiled once
+    per loss, chunk size and batch size, for this and every later call. Within a batch,
+    ``chunk_size`` bounds how many per-example gradients exist at once. A batch may carry a
+    ``"mask"`` of row weights (0 on padding rows).
 
     Args:
       loss_fn: ``loss_fn(params, example) -> scalar``, the loss of ONE example at its data label.
@@ -77,22 +68,14 @@ def diag_fisher(
 
     Returns:
       A pytree like ``params``: the mean over all ``N`` examples of the squared per-example gradients.
+
+    Raises:
+      ValueError: no batches; TypeError: a single batch instead of an iterable, a non-scalar loss.
     """
-    first = True
-
-    @jax.jit
-    def step(p, batch):
-        return chunked_sum(lambda ex: _square_tree(jax.grad(loss_fn)(p, ex)), batch, chunk_size)
-
-    def checked_step(p, batch):
-        nonlocal first
-        if first:
-            check_loss_fn(loss_fn, p, batch)
-            first = False
-        return step(p, batch)
-
-    total, count = _stream_mean(checked_step, params, batches, "diag_fisher")
-    return jax.tree_util.tree_map(lambda t: t / count, total)
+    reduction = reductions.squared_gradient_mean(loss_fn, chunk_size)
+    return reductions.reduce(
+        reduction, params, _checked(batches, loss_fn, params, "diag_fisher")
+    ).value
 
 
 def diag_fisher_sampled(
@@ -108,7 +91,8 @@ def diag_fisher_sampled(
 
     ``F = (1/N) sum_i (1/S) sum_{s=1}^S (grad_theta -log softmax(f_i(theta))[y_is]) ** 2`` with
     ``y_is ~ Categorical(softmax(f_i(theta)))`` drawn independently for every example and sample.
-    As ``S -> inf`` this tends to ``(1/N) sum_i sum_c p_ic (grad -log p_ic) ** 2``.
+    As ``S -> inf`` this tends to ``(1/N) sum_i sum_c p_ic (grad -log p_ic) ** 2``
+    (:func:`unlearn_jax.core.reductions.sampled_fisher`).
 
     Args:
       logits_fn: ``logits_fn(params, example) -> [C]`` logits of ONE example (labels are not read).
@@ -118,61 +102,23 @@ def diag_fisher_sampled(
       num_samples: label draws ``S`` per example.
       chunk_size: bounds the per-example gradients held at once.
     """
-    _validate.positive_int(num_samples=num_samples)
-
-    def sampled_sq_grad(p, ex_key):
-        example, k = ex_key
-        logits = logits_fn(p, example)
-        if logits.ndim != 1:
-            raise TypeError(
-                f"logits_fn must return [C] logits for one example, got {logits.shape}."
-            )
-        labels = jax.random.categorical(k, jax.lax.stop_gradient(logits), shape=(num_samples,))
-
-        def nll(pp, label):
-            return -jax.nn.log_softmax(logits_fn(pp, example))[label]
-
-        grads = jax.vmap(jax.grad(nll), in_axes=(None, 0))(p, labels)
-        return jax.tree_util.tree_map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
-
-    @jax.jit
-    def step(p, batch, batch_key):
-        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        keys = jax.random.split(batch_key, size)
-        return chunked_sum(lambda ek: sampled_sq_grad(p, ek), (batch, keys), chunk_size)
-
-    total, count = _stream_mean(
-        step, params, batches, "diag_fisher_sampled", lambda m: jax.random.fold_in(key, m)
-    )
-    return jax.tree_util.tree_map(lambda t: t / count, total)
+    reduction = reductions.sampled_fisher(logits_fn, num_samples, chunk_size)
+    batches = _checked(batches, None, params, "diag_fisher_sampled")
+    return reductions.reduce(reduction, params, batches, key=key).value
 
 
 def diag_fisher_batch_mean(loss_fn: LossFn, params: Params, batches: Iterable[Batch]) -> Params:
     """Squared mean-batch gradient averaged over batches: ``(1/M) sum_m (mean_{i in m} g_i) ** 2``.
 
     This is NOT the per-example Fisher: it depends on the batch size (for i.i.d. gradients it is
-    roughly ``mean(g) ** 2 + Var(g) / B``). SSD's reference code computes its importances this way
-    (batch 64 on the full data, 128 on the forget set); use it only to compare with numbers
-    published from that code, and record the batch size with the result.
+    roughly ``mean(g) ** 2 + Var(g) / B``) and on which examples share a batch. SSD's reference code
+    computes its importances this way; use it only to compare with numbers published from that code,
+    and record the batch size and order with the result
+    (:func:`unlearn_jax.core.reductions.batch_mean_squared_gradient`).
     """
-
-    @jax.jit
-    def step(p, batch):
-        mean_loss = lambda pp: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(pp, batch))
-        return _square_tree(jax.grad(mean_loss)(p))
-
-    total, num = None, 0
-    for index, batch in enumerate(_iter_batches(batches, "diag_fisher_batch_mean")):
-        if index == 0:
-            check_loss_fn(loss_fn, params, batch, "batch 0")
-        else:
-            _validate.batch_size(batch, f"batch {index}")
-        part = step(params, batch)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        num += 1
-    if total is None:
-        raise ValueError("diag_fisher_batch_mean got no batches.")
-    return jax.tree_util.tree_map(lambda t: t / num, total)
+    reduction = reductions.batch_mean_squared_gradient(loss_fn)
+    batches = _checked(batches, loss_fn, params, "diag_fisher_batch_mean")
+    return reductions.reduce(reduction, params, batches).value
 
 
 def hvp(

@@ -64,7 +64,7 @@ def _log(quiet: bool):
 
 # ---------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
-    from unlearn_jax import bench
+    from unlearn_jax.apps import bench
 
     config = bench.BenchConfig(
         data=args.data,
@@ -179,7 +179,8 @@ def _forget_split(splits, args, meta):
 
 def cmd_unlearn(args) -> int:
     from unlearn_jax import checkpoint, data, evaluation
-    from unlearn_jax.methods import registry, unlearn
+    from unlearn_jax.apps import registry
+    from unlearn_jax.methods import unlearn
 
     method, run_kwargs = registry.build(args.method, **_parse_overrides(args.set))
     state, meta, splits, task = _restore(args.checkpoint)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests._problems import explicit_hessian, flat, logistic_problem, loop_grads, mlp_problem
-from unlearn_jax import curvature
+from unlearn_jax.core import curvature
 
 RTOL_F32 = 1e-4  # second-order quantities through two autodiff passes in float32
 ATOL_F32 = 1e-5
