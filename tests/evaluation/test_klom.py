@@ -21,7 +21,7 @@ def _kl(p, q):
     return float(np.sum(p * np.log(p / q)))
 
 
-def test_direction_is_kl_unlearned_to_oracle_on_an_asymmetric_case():
+def test_default_direction_is_kl_unlearned_to_oracle_on_an_asymmetric_case():
     # Unlearned margins all 0; oracle margins half 0, half 10. Pooled range [0, 10], 20 bins of 0.5:
     # 0 falls in bin 0 and 10 in bin 19 (the right edge belongs to the last bin).
     unlearned = np.zeros((4, 1))
@@ -34,8 +34,62 @@ def test_direction_is_kl_unlearned_to_oracle_on_an_asymmetric_case():
     assert backward > 5.0
     got = klom_from_margins(unlearned, oracle)
     assert got[0] == pytest.approx(forward, abs=EXACT)
+    named = klom_from_margins(unlearned, oracle, direction="unlearned||oracle")
+    np.testing.assert_array_equal(named, got)
     swapped = klom_from_margins(oracle, unlearned)
     assert swapped[0] == pytest.approx(backward, abs=EXACT)
+
+
+def test_both_directions_by_hand_on_a_planted_narrow_case():
+    # Unlearned margins narrower than the oracles'. Pooled range [0, 10], bins of 0.5: unlearned
+    # 0, 0 -> bin 0 and 2.5, 2.6 -> bin 5; oracle 0 -> bin 0, 2.5 -> bin 5, 5 -> bin 10, 10 -> bin 19.
+    unlearned = np.array([[0.0], [0.0], [2.5], [2.6]])
+    oracle = np.array([[0.0], [2.5], [5.0], [10.0]])
+    counts_u = [0] * BINS
+    counts_u[0], counts_u[5] = 2, 2
+    counts_o = [0] * BINS
+    counts_o[0] = counts_o[5] = counts_o[10] = counts_o[19] = 1
+    p_u, p_o = _floored(counts_u), _floored(counts_o)
+    # KL(u || o) ~ 2 * 0.5 log(0.5 / 0.25) = log 2; KL(o || u) ~ 2 * 0.25 log(0.25 / 0.5) +
+    # 2 * 0.25 log(0.25 / 1e-5) = 4.72: the oracle mass the unlearned models miss costs log(1/floor).
+    u_to_o, o_to_u = _kl(p_u, p_o), _kl(p_o, p_u)
+    assert u_to_o == pytest.approx(math.log(2.0), abs=1e-3)
+    assert o_to_u == pytest.approx(-0.5 * math.log(2.0) + 0.5 * math.log(0.25 / 1e-5), abs=1e-3)
+    got_u_to_o = klom_from_margins(unlearned, oracle, direction="unlearned||oracle")
+    got_o_to_u = klom_from_margins(unlearned, oracle, direction="oracle||unlearned")
+    assert got_u_to_o[0] == pytest.approx(u_to_o, abs=EXACT)
+    assert got_o_to_u[0] == pytest.approx(o_to_u, abs=EXACT)
+    assert got_o_to_u[0] > 6 * got_u_to_o[0]
+
+
+def test_direction_swap_equals_argument_swap():
+    rng = np.random.default_rng(2)
+    unlearned = 0.4 * rng.normal(size=(30, 12))
+    oracle = rng.normal(size=(25, 12)) + 0.2
+    reverse = klom_from_margins(unlearned, oracle, direction="oracle||unlearned")
+    np.testing.assert_array_equal(reverse, klom_from_margins(oracle, unlearned))
+    assert np.all(reverse != klom_from_margins(unlearned, oracle))
+    u_logits, o_logits = rng.normal(size=(6, 4, 3)), 3 * rng.normal(size=(9, 4, 3))
+    labels = np.array([0, 2, 1, 1])
+    np.testing.assert_array_equal(
+        klom(u_logits, o_logits, labels, direction="oracle||unlearned"),
+        klom(o_logits, u_logits, labels),
+    )
+
+
+@pytest.mark.parametrize("direction", ["unlearned||oracle", "oracle||unlearned"])
+def test_pooled_maximum_is_counted_in_the_last_bin(direction):
+    # The only difference between the sides is one unlearned model at the pooled maximum 10. It
+    # lands in bin 19 here; the reference codes' digitize-based histograms drop it, leaving two
+    # identical histograms and KLoM 0.
+    unlearned = np.array([[0.0], [0.0], [0.0], [10.0]])
+    oracle = np.array([[0.0], [0.0], [0.0], [0.0]])
+    p_u = _floored([3] + [0] * 18 + [1])
+    p_o = _floored([4] + [0] * 19)
+    want = _kl(p_u, p_o) if direction == "unlearned||oracle" else _kl(p_o, p_u)
+    got = klom_from_margins(unlearned, oracle, direction=direction)[0]
+    assert got == pytest.approx(want, abs=EXACT)
+    assert got > 0.2
 
 
 def test_histogram_bins_by_hand():
@@ -102,25 +156,27 @@ def test_klom_summary_by_hand():
     forget = np.array([True, True, True, True, True, False, False])
     out = klom_summary(values, {"forget": forget, "test": [5, 6]}, percentiles=(50, 95))
     assert set(out) == {
-        "klom/forget/mean",
-        "klom/forget/p50",
-        "klom/forget/p95",
-        "klom/test/mean",
-        "klom/test/p50",
-        "klom/test/p95",
+        "klom/unlearned||oracle/forget/mean",
+        "klom/unlearned||oracle/forget/p50",
+        "klom/unlearned||oracle/forget/p95",
+        "klom/unlearned||oracle/test/mean",
+        "klom/unlearned||oracle/test/p50",
+        "klom/unlearned||oracle/test/p95",
     }
-    assert out["klom/forget/mean"] == pytest.approx(2.0)
-    assert out["klom/forget/p50"] == pytest.approx(2.0)
-    assert out["klom/forget/p95"] == pytest.approx(3.8)  # linear: 0.95 * 4 = 3.8 -> 3 + 0.8 * 1
-    assert out["klom/test/mean"] == pytest.approx(15.0)
-    assert out["klom/test/p95"] == pytest.approx(19.5)
-    default = klom_summary(values, {"forget": forget})
-    assert set(default) == {
-        "klom/forget/mean",
-        "klom/forget/p50",
-        "klom/forget/p95",
-        "klom/forget/p99",
+    assert out["klom/unlearned||oracle/forget/mean"] == pytest.approx(2.0)
+    assert out["klom/unlearned||oracle/forget/p50"] == pytest.approx(2.0)
+    # linear: 0.95 * 4 = 3.8 -> 3 + 0.8 * 1
+    assert out["klom/unlearned||oracle/forget/p95"] == pytest.approx(3.8)
+    assert out["klom/unlearned||oracle/test/mean"] == pytest.approx(15.0)
+    assert out["klom/unlearned||oracle/test/p95"] == pytest.approx(19.5)
+    reverse = klom_summary(values, {"forget": forget}, direction="oracle||unlearned")
+    assert set(reverse) == {
+        "klom/oracle||unlearned/forget/mean",
+        "klom/oracle||unlearned/forget/p50",
+        "klom/oracle||unlearned/forget/p95",
+        "klom/oracle||unlearned/forget/p99",
     }
+    assert reverse["klom/oracle||unlearned/forget/p99"] == pytest.approx(3.96)
 
 
 def test_bad_inputs_are_named():
@@ -138,3 +194,7 @@ def test_bad_inputs_are_named():
         klom_summary(np.ones(3), {"forget": [0, 3]})
     with pytest.raises(ValueError, match="mask has shape"):
         klom_summary(np.ones(3), {"forget": np.ones(4, bool)})
+    with pytest.raises(ValueError, match="unknown direction 'oracle->unlearned'"):
+        klom_from_margins(np.zeros((3, 1)), np.zeros((3, 1)), direction="oracle->unlearned")
+    with pytest.raises(ValueError, match="unknown direction"):
+        klom_summary(np.ones(3), {"forget": [0]}, direction="forward")
