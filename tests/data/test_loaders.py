@@ -140,7 +140,9 @@ def test_synthetic_invalid_options(kwargs, error, message):
 
 # ---- load() errors -----------------------------------------------------------------------------
 def test_unknown_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"'diabetes', 'digits', 'synthetic', 'tfds:<NAME>'"):
+    with pytest.raises(
+        ValueError, match=r"'diabetes', 'digits', 'facts', 'synthetic', 'tfds:<NAME>'"
+    ):
         data.load("cifar10")
     with pytest.raises(ValueError, match=r"needs a data set name after the colon"):
         data.load("tfds:")

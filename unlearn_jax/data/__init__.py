@@ -10,6 +10,7 @@ Examples:
 
 from unlearn_jax.data.batching import batch_stream, batches, num_batches, padded_batches
 from unlearn_jax.data.dataset import Dataset, Splits
+from unlearn_jax.data.facts import FactsData, FactsSplit, QASet, generate_facts
 from unlearn_jax.data.forget import (
     ForgetSplit,
     class_forget,
@@ -21,15 +22,21 @@ from unlearn_jax.data.forget import (
     select_forget,
 )
 from unlearn_jax.data.loaders import load
+from unlearn_jax.data.tokenizer import Tokenizer
 
 __all__ = [
     "Dataset",
+    "FactsData",
+    "FactsSplit",
     "ForgetSplit",
+    "QASet",
     "Splits",
+    "Tokenizer",
     "batch_stream",
     "batches",
     "class_forget",
     "forget_ids_hash",
+    "generate_facts",
     "ids_forget",
     "load",
     "num_batches",

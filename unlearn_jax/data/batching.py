@@ -1,4 +1,5 @@
-"""Batches of a :class:`Dataset` as JAX arrays: ``{"x": [B, ...], "y": [B, ...], "id": [B] int32}``.
+"""Batches of a :class:`Dataset` as JAX arrays: ``{"x": [B, ...], "y": [B, ...], "id": [B] int32}``,
+plus ``"weights": [B, T]`` token weights for a sequence dataset.
 
 Three ways to go through a dataset:
 
@@ -79,11 +80,14 @@ def _epoch_order(n: int, key: Any) -> np.ndarray:
 
 
 def _gather(dataset: Dataset, idx: np.ndarray) -> Batch:
-    return {
+    batch = {
         "x": jnp.asarray(dataset.x[idx]),
         "y": jnp.asarray(dataset.y[idx]),
         "id": jnp.asarray(dataset.ids[idx].astype(np.int32)),
     }
+    if dataset.weights is not None:
+        batch["weights"] = jnp.asarray(dataset.weights[idx])
+    return batch
 
 
 def batches(
@@ -162,17 +166,22 @@ def padded_batches(
                 yield _gather(dataset, idx), jnp.ones((batch_size,), jnp.float32)
                 continue
             pad = batch_size - real
-            x = np.concatenate([dataset.x[idx], np.zeros((pad, *dataset.x.shape[1:]), np.float32)])
-            y = np.concatenate(
-                [dataset.y[idx], np.zeros((pad, *dataset.y.shape[1:]), dataset.y.dtype)]
-            )
+
+            def padded(values: np.ndarray) -> np.ndarray:
+                # In the array's own dtype: int32 tokens stay int32.
+                return np.concatenate(
+                    [values[idx], np.zeros((pad, *values.shape[1:]), values.dtype)]
+                )
+
             ids = np.concatenate([dataset.ids[idx], np.full((pad,), PADDING_ID, np.int64)])
             mask = np.concatenate([np.ones((real,), np.float32), np.zeros((pad,), np.float32)])
             batch = {
-                "x": jnp.asarray(x),
-                "y": jnp.asarray(y),
+                "x": jnp.asarray(padded(dataset.x)),
+                "y": jnp.asarray(padded(dataset.y)),
                 "id": jnp.asarray(ids.astype(np.int32)),
             }
+            if dataset.weights is not None:
+                batch["weights"] = jnp.asarray(padded(dataset.weights))
             yield batch, jnp.asarray(mask)
 
     return generate()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
-from unlearn_jax.core.task import CLASSIFICATION, REGRESSION
+from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE
 
 # Batches carry ids as int32 (JAX's default integer); ids must fit, and -1 is left free to mark the
 # padding rows of `padded_batches`.
@@ -63,20 +63,29 @@ class Dataset:
     """A set of examples held as host numpy arrays, each example with a stable integer id.
 
     The arrays are converted on construction: ``x`` to float32, ``y`` to int32 (classification) or
-    float32 (regression), ``ids`` to int64. Datasets are immutable values: every selection method
+    float32 (regression), ``ids`` to int64. A dataset with token ``weights`` is a *sequence* dataset
+    (next-token prediction): ``x`` and ``y`` are then int32 token ids (never cast to float) and
+    ``num_classes`` is the vocabulary size. Datasets are immutable values: every selection method
     returns a new ``Dataset``. Equality is identity (comparing arrays elementwise is never meant).
 
     Attributes:
-      x: inputs ``[N, ...]`` float32 (the digits images are ``[N, 8, 8, 1]`` in ``[0, 1]``).
+      x: inputs ``[N, ...]`` float32 (the digits images are ``[N, 8, 8, 1]`` in ``[0, 1]``); for a
+        sequence dataset the input tokens ``[N, T]`` int32 in ``[0, num_classes)``.
       y: targets: ``[N]`` int32 labels in ``[0, num_classes)`` for classification, ``[N]`` or
-        ``[N, K]`` float32 for regression.
+        ``[N, K]`` float32 for regression, the next tokens ``[N, T]`` int32 for a sequence dataset.
       ids: ``[N]`` int64, unique, in ``[0, 2**31 - 1]`` (so they fit the int32 ``"id"`` of a batch).
       name: a label used in messages and reports, e.g. ``"digits/train"``.
-      num_classes: the number of classes; ``None`` means a regression dataset.
+      num_classes: the number of classes (the vocabulary size of a sequence dataset); ``None``
+        means a regression dataset.
+      weights: ``None``, or ``[N, T]`` float32 token weights ``>= 0`` (1 on the target tokens whose
+        likelihood counts, e.g. the answer of a question-answer pair; 0 on prompt and padding),
+        which makes this a sequence dataset. Batches carry them as ``"weights"``.
 
     Raises:
       ValueError: if the lengths disagree, ids repeat or are out of range, ``x`` or ``y`` hold NaN or
-        infinity, labels are not integers in ``[0, num_classes)``, or shapes are wrong.
+        infinity, labels are not integers in ``[0, num_classes)``, or shapes are wrong; for a
+        sequence dataset, if ``num_classes`` is missing, ``x``/``y`` are not integer tokens in
+        ``[0, num_classes)`` or ``weights`` is not finite, ``>= 0`` and of ``y``'s shape.
 
     Examples:
       >>> ds = Dataset(x=np.zeros((3, 2)), y=np.array([0, 1, 1]), ids=np.array([10, 11, 12]),
@@ -92,6 +101,7 @@ class Dataset:
     ids: np.ndarray
     name: str = ""
     num_classes: int | None = None
+    weights: np.ndarray | None = None
 
     def __post_init__(self):
         label = self.name or "dataset"
@@ -100,7 +110,10 @@ class Dataset:
             raise ValueError(
                 f"{label}: x must be a numeric array [N, ...], got dtype {x.dtype} shape {x.shape}."
             )
-        x = x.astype(np.float32, copy=False)
+        if self.weights is None:
+            x = x.astype(np.float32, copy=False)
+        else:
+            x, weights = self._convert_sequence(x, label)
         if np.ndim(self.ids) != 1:
             raise ValueError(
                 f"{label}: ids must be a 1-D array [N], got shape {np.shape(self.ids)}."
@@ -135,14 +148,63 @@ class Dataset:
                     f"examples, ids {describe_values(ids[bad_rows])}."
                 )
 
+        if self.weights is not None and weights.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"{label}: weights has {weights.shape[0]} rows but there are {ids.shape[0]} examples."
+            )
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "ids", ids)
+        if self.weights is not None:
+            object.__setattr__(self, "weights", weights)
         # Lookup tables for by_ids/without_ids; not dataclass fields.
         object.__setattr__(self, "_order", order)
         object.__setattr__(self, "_sorted_ids", sorted_ids)
 
+    def _convert_sequence(self, x: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """Validates the tokens ``x [N, T]`` and the token weights; returns them as int32, float32."""
+        if self.num_classes is None:
+            raise ValueError(
+                f"{label}: a sequence dataset (weights given) needs num_classes = the vocabulary size."
+            )
+        _validate.positive_int(num_classes=self.num_classes)
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(
+                f"{label}: a sequence dataset needs integer tokens x [N, T], got dtype {x.dtype} "
+                f"shape {x.shape}."
+            )
+        bad = (x < 0) | (x >= self.num_classes)
+        if bad.any():
+            raise ValueError(
+                f"{label}: tokens x must lie in [0, {self.num_classes}) for the vocabulary size "
+                f"num_classes={self.num_classes}, got {describe_values(np.unique(x[bad]))}."
+            )
+        weights = np.asarray(self.weights)
+        if weights.shape != x.shape or not np.issubdtype(weights.dtype, np.number):
+            raise ValueError(
+                f"{label}: token weights must be numeric with the shape of x {x.shape}, got dtype "
+                f"{weights.dtype} shape {weights.shape}."
+            )
+        weights = weights.astype(np.float32)
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ValueError(f"{label}: token weights must be finite and >= 0.")
+        return x.astype(np.int32), weights
+
     def _convert_targets(self, y: np.ndarray, label: str) -> np.ndarray:
+        if self.weights is not None:
+            if y.shape != np.shape(self.x) or (y.size and not np.issubdtype(y.dtype, np.integer)):
+                raise ValueError(
+                    f"{label}: next-token targets y must be integers with the shape of x "
+                    f"{np.shape(self.x)}, got dtype {y.dtype} shape {y.shape}."
+                )
+            y = y.astype(np.int32)
+            bad = (y < 0) | (y >= self.num_classes)
+            if bad.any():
+                raise ValueError(
+                    f"{label}: target tokens y must lie in [0, {self.num_classes}), got "
+                    f"{describe_values(np.unique(y[bad]))}."
+                )
+            return y
         if self.num_classes is None:
             if y.ndim not in (1, 2) or not np.issubdtype(y.dtype, np.number):
                 raise ValueError(
@@ -176,14 +238,18 @@ class Dataset:
 
     def __repr__(self) -> str:
         x, y = self.x, self.y
+        weights = "" if self.weights is None else ", weights"
         return (
             f"Dataset(name={self.name!r}, n={len(self)}, x={x.dtype}{list(x.shape)}, "
-            f"y={y.dtype}{list(y.shape)}, num_classes={self.num_classes})"
+            f"y={y.dtype}{list(y.shape)}, num_classes={self.num_classes}{weights})"
         )
 
     @property
     def kind(self) -> str:
-        """``"classification"`` (``num_classes`` set) or ``"regression"``, as in :class:`Task`."""
+        """``"sequence"`` (token ``weights`` set), ``"classification"`` (``num_classes`` set) or
+        ``"regression"``, as in :class:`Task`."""
+        if self.weights is not None:
+            return SEQUENCE
         return REGRESSION if self.num_classes is None else CLASSIFICATION
 
     @property
@@ -197,9 +263,9 @@ class Dataset:
         return np.bincount(self.y, minlength=self.num_classes).astype(np.int64)
 
     def _require_classification(self, what: str) -> None:
-        if self.num_classes is None:
+        if self.kind != CLASSIFICATION:
             raise ValueError(
-                f"{what} needs a classification dataset, but {self.name!r} is regression."
+                f"{what} needs a classification dataset, but {self.name!r} is {self.kind}."
             )
 
     # ---- selection -----------------------------------------------------------------------------
@@ -251,7 +317,10 @@ class Dataset:
             raise ValueError(
                 f"indices must not repeat (ids are unique), got {describe_values(repeated)}."
             )
-        return dataclasses.replace(self, x=self.x[idx], y=self.y[idx], ids=self.ids[idx])
+        weights = None if self.weights is None else self.weights[idx]
+        return dataclasses.replace(
+            self, x=self.x[idx], y=self.y[idx], ids=self.ids[idx], weights=weights
+        )
 
     def subset(self, mask_or_indices: Any) -> Dataset:
         """The examples selected by a boolean mask ``[N]`` (kept in order) or by row positions."""
@@ -290,7 +359,8 @@ class Dataset:
 
     # ---- device --------------------------------------------------------------------------------
     def as_batch(self) -> dict[str, Any]:
-        """The whole dataset as one batch ``{"x": [N, ...], "y": [N, ...], "id": [N] int32}`` (jnp).
+        """The whole dataset as one batch ``{"x": [N, ...], "y": [N, ...], "id": [N] int32}`` (jnp),
+        plus ``"weights": [N, T]`` for a sequence dataset.
 
         Raises:
           ValueError: if the dataset is empty.
@@ -299,11 +369,14 @@ class Dataset:
             raise ValueError(
                 f"{self.name or 'dataset'} is empty; a batch needs at least one example."
             )
-        return {
+        batch = {
             "x": jnp.asarray(self.x),
             "y": jnp.asarray(self.y),
             "id": jnp.asarray(self.ids.astype(np.int32)),
         }
+        if self.weights is not None:
+            batch["weights"] = jnp.asarray(self.weights)
+        return batch
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -334,6 +407,7 @@ class Splits:
                 )
         tr, te = self.train, self.test
         facts = {
+            "kind": (tr.kind, te.kind),
             "num_classes": (tr.num_classes, te.num_classes),
             "input shape": (tr.input_shape, te.input_shape),
             "target shape": (tr.y.shape[1:], te.y.shape[1:]),
@@ -349,5 +423,5 @@ class Splits:
 
     @property
     def kind(self) -> str:
-        """``"classification"`` or ``"regression"``."""
+        """``"classification"``, ``"regression"`` or ``"sequence"``."""
         return self.train.kind

@@ -5,6 +5,10 @@
 * ``"digits"``: scikit-learn's 8x8 handwritten digits (embedded in scikit-learn, no download).
 * ``"diabetes"``: scikit-learn's diabetes regression data (embedded).
 * ``"synthetic"``: a Gaussian mixture classification problem of any size.
+* ``"facts"``: fictitious authors and world facts as question-answer token sequences
+  (:mod:`unlearn_jax.data.facts`; generated, no download). ``train`` is what a model learns, ``test``
+  the holdout authors; the variants and forget requests are on
+  :func:`unlearn_jax.data.facts.generate_facts`'s result.
 * ``"tfds:NAME"``: any TensorFlow Datasets set with an image (or feature) key and a label key, read
   through ``tfds.data_source`` (random access over ``array_record`` files; TensorFlow not needed).
 
@@ -26,6 +30,7 @@ import numpy as np
 
 from unlearn_jax import _validate
 from unlearn_jax.data.dataset import Dataset, Splits
+from unlearn_jax.data.facts import generate_facts
 
 TFDS_PREFIX = "tfds:"
 
@@ -315,10 +320,46 @@ def _load_tfds(
     return Splits(train=train, test=test, name=f"{TFDS_PREFIX}{tfds_name}", info=info)
 
 
+# ---- fictitious facts ---------------------------------------------------------------------------
+def _load_facts(
+    *,
+    seed: int = 0,
+    num_authors: int = 200,
+    num_holdout_authors: int = 20,
+    num_perturbed: int = 3,
+    tokenizer: str = "words",
+    seq_len: int | None = None,
+) -> Splits:
+    """Fictitious facts: ``train`` = training authors' pairs + world facts, ``test`` = holdout authors.
+
+    ``info`` is the generator's (seed, sizes, ``seq_len``, the tokenizer as
+    ``Tokenizer.from_info``-readable words, ``forget_order``), plus the sizes and kind.
+    """
+    data = generate_facts(
+        seed=seed,
+        num_authors=num_authors,
+        num_holdout_authors=num_holdout_authors,
+        num_perturbed=num_perturbed,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
+    train, test = data.train, data.holdout
+    info = {
+        **data.info,
+        "kind": train.kind,
+        "num_classes": train.num_classes,
+        "input_shape": list(train.input_shape),
+        "num_train": len(train),
+        "num_test": len(test),
+    }
+    return Splits(train=train, test=test, name="facts", info=info)
+
+
 _LOADERS: dict[str, Callable[..., Splits]] = {
     "digits": _load_digits,
     "diabetes": _load_diabetes,
     "synthetic": _load_synthetic,
+    "facts": _load_facts,
 }
 
 
@@ -336,12 +377,15 @@ def load(name: str, **kwargs: Any) -> Splits:
     """Loads a named data set as train/test :class:`Splits` whose examples carry stable ids.
 
     Args:
-      name: ``"digits"``, ``"diabetes"``, ``"synthetic"`` or ``"tfds:NAME"`` (e.g. ``"tfds:mnist"``).
+      name: ``"digits"``, ``"diabetes"``, ``"synthetic"``, ``"facts"`` or ``"tfds:NAME"`` (e.g.
+        ``"tfds:mnist"``).
       **kwargs: options of that data set:
 
         * digits, diabetes: ``test_fraction=0.2``, ``seed=0``.
         * synthetic: ``n=1000``, ``dim=16``, ``classes=4``, ``seed=0``, ``test_fraction=0.2``,
           ``separation=3.0`` (the norm of each class mean; the noise is unit Gaussian).
+        * facts: ``seed=0``, ``num_authors=200``, ``num_holdout_authors=20``, ``num_perturbed=3``,
+          ``tokenizer="words"`` (or ``"bytes"``), ``seq_len=None`` (see ``generate_facts``).
         * tfds: ``split=("train", "test")``, ``data_dir=None``, ``download=False`` (True lets TFDS
           download and prepare the data, which needs internet), ``max_examples=None`` (keep the first
           records of each split), ``image_key="image"``, ``label_key="label"``.
@@ -349,7 +393,8 @@ def load(name: str, **kwargs: Any) -> Splits:
     Returns:
       ``Splits(train, test, name, info)``. Sizes with the defaults: digits 1437 train / 360 test
       (10 classes, ``x [N, 8, 8, 1]``); diabetes 353 / 89 (``x [N, 10]``, ``y [N]``); synthetic
-      800 / 200 (``x [N, 16]``, 4 classes).
+      800 / 200 (``x [N, 16]``, 4 classes); facts 1256 / 120 (``x [N, 40]`` int32 tokens,
+      vocabulary 664, kind ``"sequence"``).
 
     Raises:
       ValueError: for an unknown name (listing the valid ones) or bad option values.
