@@ -1,4 +1,5 @@
-"""Flax linen models that come with their task: linear, MLP, CNN, ResNet (GroupNorm), MLP regressor.
+"""Flax linen models that come with their task: linear, MLP, CNN, ResNet (GroupNorm), MLP regressor,
+and a decoder-only transformer language model (:mod:`unlearn_jax.models.transformer`).
 
 Every model
 
@@ -8,6 +9,11 @@ Every model
   so it is an ordinary function of one example and ``vmap`` gives true per-example quantities;
 * exposes ``features(x) -> [B, D]``, its penultimate representation, and names its last layer
   ``"head"`` (a Dense with ``kernel [D, K]``, ``bias [K]``), so ``outputs = features @ kernel + bias``.
+
+The language models (``"transformer"``, ``"lm-tiny"``, ``"lm-100m"``, ``"lm-1b"``; ``num_outputs``
+is the vocabulary size) map tokens ``[B, T]`` to logits ``[B, T, V]``, have the ``"sequence"`` task
+kind, ``features(x) -> [B, T, D]`` and tied input/output embeddings instead of a ``"head"``, and
+annotate their parameters with logical axis names (``model.init`` returns boxes; ``nn.unbox`` them).
 
 Use :func:`get_model` to build one by name, :func:`model_task` for its :class:`~unlearn_jax.Task`,
 :func:`feature_extractor` for a frozen backbone, and :func:`model_config` to record how it was built.
@@ -24,11 +30,13 @@ import flax.linen as nn
 import jax
 
 from unlearn_jax import _validate
+from unlearn_jax.core.task import CLASSIFICATION, Task, flax_task
 from unlearn_jax.models.cnn import CNN
 from unlearn_jax.models.linear import Linear
 from unlearn_jax.models.mlp import MLP, MLPRegressor
 from unlearn_jax.models.resnet import ResNet
-from unlearn_jax.core.task import CLASSIFICATION, Task, flax_task
+from unlearn_jax.models.transformer import CONFIGS as _LM_CONFIGS
+from unlearn_jax.models.transformer import LM1B, LM100M, LMTiny, TransformerLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "linear": Linear,
@@ -37,6 +45,10 @@ MODELS: dict[str, type[nn.Module]] = {
     "resnet": ResNet,
     "mlp_regressor": MLPRegressor,
 }
+# Kept apart from MODELS (models of images and feature vectors, K outputs): token inputs [B, T],
+# logits [B, T, V], no "head".
+LANGUAGE_MODELS: dict[str, type[nn.Module]] = dict(_LM_CONFIGS)
+_REGISTRY = {**MODELS, **LANGUAGE_MODELS}
 
 HEAD = "head"
 
@@ -45,8 +57,11 @@ def get_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
     """Builds a registered model by name.
 
     Args:
-      name: one of ``"linear"``, ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"mlp_regressor"``.
-      num_outputs: ``K``, the number of classes or regression targets.
+      name: one of ``"linear"``, ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"mlp_regressor"``, or a
+        language model: ``"transformer"`` (every size set by keywords), ``"lm-tiny"`` (D 128, 2
+        layers), ``"lm-100m"`` (>= 100M parameters for V >= 20k), ``"lm-1b"`` (0.97B at V 32000).
+      num_outputs: ``K``, the number of classes or regression targets; the vocabulary size ``V``
+        of a language model.
       **kwargs: the model's other hyper-parameters (e.g. ``hidden_sizes=(256,)`` for the MLP).
 
     Returns:
@@ -65,9 +80,9 @@ def get_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
           activation = 'relu'
       )
     """
-    _validate.one_of("model name", name, MODELS)
+    _validate.one_of("model name", name, _REGISTRY)
     _validate.positive_int(num_outputs=num_outputs)
-    cls = MODELS[name]
+    cls = _REGISTRY[name]
     fields = _config_fields(cls)
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
@@ -89,10 +104,10 @@ def model_config(module: nn.Module) -> dict[str, Any]:
     Raises:
       ValueError: if ``module`` is not an instance of a registered model class.
     """
-    names = {cls: name for name, cls in MODELS.items()}
+    names = {cls: name for name, cls in _REGISTRY.items()}
     if type(module) not in names:
         raise ValueError(
-            f"model_config knows only the registered models {sorted(MODELS)}; got a "
+            f"model_config knows only the registered models {sorted(_REGISTRY)}; got a "
             f"{type(module).__name__}. Record a custom model's configuration yourself."
         )
     config: dict[str, Any] = {"name": names[type(module)]}
@@ -107,9 +122,9 @@ def model_task(module: nn.Module, kind: str | None = None) -> Task:
 
     Args:
       module: a Flax linen module mapping ``x [B, ...]`` to outputs ``[B, K]``.
-      kind: ``"classification"`` or ``"regression"``; defaults to the model's own ``kind``
-        (``"regression"`` for :class:`MLPRegressor`, ``"classification"`` otherwise, and for
-        modules that do not declare one).
+      kind: ``"classification"``, ``"regression"`` or ``"sequence"``; defaults to the model's own
+        ``kind`` (``"regression"`` for :class:`MLPRegressor`, ``"sequence"`` for the language
+        models, ``"classification"`` otherwise, and for modules that do not declare one).
 
     Returns the same :class:`~unlearn_jax.Task` object for equal modules and kinds, so that
     training and evaluation steps compiled for one call are reused by the next.
@@ -158,11 +173,16 @@ def _config_fields(cls: type[nn.Module]) -> list[str]:
 __all__ = [
     "CNN",
     "HEAD",
+    "LANGUAGE_MODELS",
+    "LM1B",
+    "LM100M",
     "MLP",
     "MODELS",
+    "LMTiny",
     "Linear",
     "MLPRegressor",
     "ResNet",
+    "TransformerLM",
     "feature_extractor",
     "get_model",
     "model_config",
