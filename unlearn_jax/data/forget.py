@@ -229,6 +229,7 @@ _SPEC_FORMS = (
     "'class:<int>' (a whole class), 'random:<fraction in (0, 1)>[@seed<int>]', "
     "'ids:<int>,<int>,...' or 'ids:<path to a text or JSON file of integer ids>'"
 )
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _INT_LIST = re.compile(r"^\s*\d+\s*(,\s*\d+\s*)*,?\s*$")
 _RANDOM = re.compile(r"^\s*([0-9.eE+-]+)\s*(?:@\s*seed\s*(\d+))?\s*$")
 
@@ -241,13 +242,33 @@ def _bad_spec(spec: Any, why: str = "") -> ValueError:
 def read_ids_file(path: str) -> np.ndarray:
     """Reads integer ids from a file: JSON (a list, or an object with an ``"ids"`` list) or text.
 
-    Text files hold integers separated by whitespace or commas; ``#`` starts a comment.
+    Text files hold integers separated by whitespace or commas; ``#`` starts a comment. Every id
+    must lie in ``[0, 2**63 - 1]`` (an int64).
 
     Raises:
-      ValueError: if the file holds something other than integers.
+      FileNotFoundError: if there is no file at ``path``.
+      ValueError: if ``path`` is a directory or unreadable, the file is not UTF-8 text (e.g. binary),
+        or it holds something other than integers in range; the message names the file.
     """
-    with open(path) as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise ValueError(
+            f"ids file {path!r} is a directory; expected a text or JSON file of integer ids."
+        )
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ids file {path!r} does not exist.") from None
+    except OSError as err:
+        raise ValueError(f"ids file {path!r} cannot be read ({err.strerror or err}).") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"ids file {path!r} is not a text file (byte {raw[err.start]:#04x} at offset "
+            f"{err.start} is not UTF-8); expected integers separated by whitespace or commas, or "
+            "a JSON list of integers."
+        ) from None
     stripped = text.strip()
     if stripped.startswith(("[", "{")):
         try:
@@ -267,16 +288,23 @@ def read_ids_file(path: str) -> np.ndarray:
             isinstance(v, int) and not isinstance(v, bool) for v in values
         ):
             raise ValueError(f"ids file {path!r} must hold a JSON list of integers.")
-        return np.asarray(values, np.int64)
-    tokens = []
-    for line in text.splitlines():
-        tokens += line.split("#", 1)[0].replace(",", " ").split()
-    bad = [t for t in tokens if not re.fullmatch(r"\d+", t)]
-    if bad:
+    else:
+        tokens = []
+        for line in text.splitlines():
+            tokens += line.split("#", 1)[0].replace(",", " ").split()
+        bad = [t for t in tokens if not re.fullmatch(r"\d+", t)]
+        if bad:
+            raise ValueError(
+                f"ids file {path!r} holds non-integer entries: {bad[:5]} ({len(bad)} in all)."
+            )
+        values = [int(t) for t in tokens]
+    out_of_range = [v for v in values if not 0 <= v <= _INT64_MAX]
+    if out_of_range:
         raise ValueError(
-            f"ids file {path!r} holds non-integer entries: {bad[:5]} ({len(bad)} in all)."
+            f"ids file {path!r} holds {out_of_range[0]}, outside the id range [0, 2**63 - 1] "
+            f"({len(out_of_range)} such value(s))."
         )
-    return np.asarray([int(t) for t in tokens], np.int64)
+    return np.asarray(values, np.int64)
 
 
 def select_forget(train: Dataset, spec: str, *, seed: int = 0) -> ForgetSplit:
