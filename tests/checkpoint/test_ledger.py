@@ -206,3 +206,12 @@ def test_records_are_immutable_and_the_ledger_holds_only_records():
     with pytest.raises(TypeError, match="record 0 is a dict"):
         Ledger([ledger[0].to_json()])
     assert isinstance(ledger[0], DeletionRecord)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from unlearn_jax.checkpoint import ledger
+
+    result = doctest.testmod(ledger, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
