@@ -8,7 +8,12 @@ Units: ``*/acc`` and attack metrics (AUC, TPR) are fractions; the table-facing `
 and ``MIA-Efficacy`` are percentages, as in the SalUn tables.
 """
 
-from unlearn_jax.evaluation.challenge import challenge_epsilons, challenge_points, challenge_score
+from unlearn_jax.evaluation.challenge import (
+    challenge_confidences,
+    challenge_epsilons,
+    challenge_points,
+    challenge_score,
+)
 from unlearn_jax.evaluation.klom import klom, klom_from_margins, klom_summary
 from unlearn_jax.evaluation.lm import (
     RougeL,
@@ -89,6 +94,7 @@ __all__ = [
     "answer_mean_log_probs",
     "answer_texts",
     "attack_metrics",
+    "challenge_confidences",
     "challenge_epsilons",
     "challenge_points",
     "challenge_score",
