@@ -72,7 +72,7 @@ from unlearn_jax.methods.analytic import (  # noqa: E402
     model_features_fn,
     with_head,
 )
-from unlearn_jax.methods.base import unlearn  # noqa: E402
+from unlearn_jax.methods.driver import unlearn  # noqa: E402
 from unlearn_jax.methods.certified import certified_fit, certified_remove  # noqa: E402
 from unlearn_jax.methods.iau import iau  # noqa: E402
 from unlearn_jax.methods.influence import influence_removal  # noqa: E402

@@ -34,7 +34,7 @@ import optax
 
 from unlearn_jax import data
 from unlearn_jax.methods import gradient as G
-from unlearn_jax.methods.base import unlearn
+from unlearn_jax.methods.driver import unlearn
 from unlearn_jax.models import get_model, model_task
 from unlearn_jax.training import evaluate_accuracy, retrain, train_original
 

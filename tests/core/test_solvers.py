@@ -77,6 +77,7 @@ def test_cg_on_the_mlp_ggn_is_jittable_and_reports_convergence():
         "ihvp/residual_norm",
         "ihvp/relative_residual",
         "ihvp/converged",
+        "ihvp/breakdown",
     }
 
 
@@ -112,3 +113,50 @@ def test_mismatched_right_hand_side_and_unknown_method_are_rejected():
         solvers.inverse_hvp(matvec, {"w": b["w"]}, damping=0.1, params_like=params)
     with pytest.raises(ValueError, match="unknown inverse_hvp method"):
         solvers.inverse_hvp(matvec, b, method="qr", damping=0.1)
+
+
+def test_traced_damping_is_one_compilation_for_every_value():
+    _params, matvec, b, _, h = _system()
+    traces = {"n": 0}
+
+    @jax.jit
+    def solve(damping):
+        traces["n"] += 1
+        return solvers.inverse_hvp(matvec, b, method="cg", damping=damping, tol=1e-6).x
+
+    for damping in (0.1, 0.5, 2.0):
+        want = np.linalg.solve(h + damping * np.eye(h.shape[0]), np.asarray(flat(b), np.float64))
+        assert _rel_err(solve(jnp.float32(damping)), want) < SOLVE_RTOL_F32
+    assert traces["n"] == 1
+
+
+def test_several_right_hand_sides_are_solved_together():
+    params, matvec, b, _, h = _system()
+    scales = jnp.asarray([1.0, -2.0, 0.5])
+    bs = jax.tree_util.tree_map(lambda a: scales.reshape(-1, *([1] * a.ndim)) * a[None], b)
+    res = solvers.inverse_hvp_many(
+        matvec, bs, method="cg", damping=0.1, tol=1e-6, params_like=params
+    )
+    assert res.converged.shape == (3,) and bool(np.all(res.converged))
+    for r, s in enumerate(np.asarray(scales)):
+        want = np.linalg.solve(h + 0.1 * np.eye(h.shape[0]), s * np.asarray(flat(b), np.float64))
+        assert _rel_err(jax.tree_util.tree_map(lambda a, r=r: a[r], res.x), want) < SOLVE_RTOL_F32
+
+
+def test_cg_reports_a_direction_of_non_positive_curvature_instead_of_dividing_by_it():
+    # An indefinite operator: A = diag(1, -1) on a two-element pytree. CG's first direction b has
+    # b^T A b = 0 for b = (1, 1): breakdown at once, reported, no NaN.
+    matvec = lambda v: {"a": v["a"], "b": -v["b"]}
+    b = {"a": jnp.ones(1), "b": jnp.ones(1)}
+    res = solvers.inverse_hvp(matvec, b, method="cg", damping=1e-12, tol=1e-6)
+    assert bool(res.breakdown) and not bool(res.converged)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(res.x))
+    with pytest.raises(solvers.SolverDidNotConverge, match="broke down"):
+        solvers.inverse_hvp(matvec, b, method="cg", damping=1e-12, tol=1e-6, throw=True)
+
+
+def test_power_iteration_on_pytrees_finds_the_top_eigenvalue():
+    _, matvec, b, _, h = _system()
+    top = float(jax.jit(lambda k: solvers.top_eigenvalue(matvec, b, k, iterations=100))(
+        jax.random.key(0)))  # fmt: skip
+    np.testing.assert_allclose(top, np.linalg.eigvalsh(h).max(), rtol=1e-3)

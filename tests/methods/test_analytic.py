@@ -15,7 +15,7 @@ from unlearn_jax.methods.analytic import (
     model_features_fn,
     with_head,
 )
-from unlearn_jax.methods.base import unlearn
+from unlearn_jax.methods.driver import unlearn
 
 # float64 end to end: the requirement is 1e-5 relative error; we see ~1e-12.
 RTOL_F64 = 1e-5
@@ -181,9 +181,14 @@ def digits_mlp():
 def test_acu_unlearner_equals_head_refitted_on_retain(digits_mlp):
     splits, split, task, state = digits_mlp
     features_fn = model_features_fn(state)
-    head = fit_analytic_head(features_fn, state.params, splits.train, num_outputs=10)
-    result = unlearn(acu(head), state, task, split.forget, key=jax.random.key(2))
-    assert result.method_state.num_learned == len(split.retain)
+    with jax.enable_x64(True):
+        head = fit_analytic_head(features_fn, state.params, splits.train, num_outputs=10)
+        result = unlearn(acu(head), state, task, split.forget, key=jax.random.key(2))
+        ledger = head.after(result.method_state, split.forget.ids)
+    assert ledger.num_learned == len(split.retain) and result.guarantee == "exact"
+    # One pass over the forget set, one padded batch of at most 64 at a time (sequential downdates).
+    assert result.steps == -(-len(split.forget) // 64)
+    assert float(result.metrics["acu/num_removed"].sum()) == len(split.forget)
 
     feats = np.asarray(features_fn(state.params, split.retain.x), np.float64)
     ref = ridge_reference(feats, split.retain.y, 10)
@@ -191,22 +196,25 @@ def test_acu_unlearner_equals_head_refitted_on_retain(digits_mlp):
         [result.state.params["head"]["kernel"], result.state.params["head"]["bias"][None]]
     )
     # The params hold the head in float32; the head itself is float64.
-    assert rel_err(result.method_state.weights, ref) < RTOL_F64
+    assert rel_err(ledger.weights, ref) < RTOL_F64
     assert rel_err(got, ref) < 1e-6
     # The backbone is untouched.
     jax.tree_util.tree_map(
         np.testing.assert_array_equal, state.params["hidden_0"], result.state.params["hidden_0"]
     )
-    # Learning the head in init (head=None) from retain + forget gives the same result.
-    again = unlearn(acu(), state, task, split.forget, split.retain, key=jax.random.key(2))
-    assert rel_err(again.method_state.weights, ref) < RTOL_F64
-    # A second request on the returned head works on top of the first.
+    # The head's statistics streamed from retain + forget (head=None) give the same result.
+    with jax.enable_x64(True):
+        again = unlearn(acu(), state, task, split.forget, split.retain, key=jax.random.key(2))
+        weights = np.asarray(again.method_state.r) @ np.asarray(again.method_state.q)
+    assert rel_err(weights, ref) < RTOL_F64
+    # A second request on the updated ledger works on top of the first.
     more = split.retain.take(np.arange(10))
-    second = unlearn(acu(result.method_state), result.state, task, more, key=jax.random.key(3))
-    assert second.method_state.num_learned == len(split.retain) - 10
-    # Removing the forget set a second time is refused.
-    with pytest.raises(NotLearnedError):
-        unlearn(acu(result.method_state), result.state, task, split.forget, key=jax.random.key(4))
+    with jax.enable_x64(True):
+        second = unlearn(acu(ledger), result.state, task, more, key=jax.random.key(3))
+        assert ledger.after(second.method_state, more.ids).num_learned == len(split.retain) - 10
+        # Removing the forget set a second time is refused by the ledger, before any step.
+        with pytest.raises(NotLearnedError):
+            unlearn(acu(ledger), result.state, task, split.forget, key=jax.random.key(4))
 
 
 def test_with_head_checks_shapes(digits_mlp):

@@ -11,7 +11,7 @@ from tests._problems import mlp_problem
 from tests.methods._digits import digits, trained_mlp
 from unlearn_jax import data
 from unlearn_jax.core.task import Task
-from unlearn_jax.methods.base import unlearn
+from unlearn_jax.methods.driver import unlearn
 from unlearn_jax.methods.iau import gradient_restriction, iau
 from unlearn_jax.models import get_model, model_task
 from unlearn_jax.training import create_train_state, fit

@@ -4,8 +4,6 @@ The "model" here is a table of logits: ``params = {"z": [N, K]}`` and the input 
 its row index, so ``outputs = z[x]`` and every loss has a closed form in numpy.
 """
 
-from types import SimpleNamespace
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +62,7 @@ def value(objective, params=None, context=None, states=None):
     params = {"z": jnp.asarray(Z)} if params is None else params
     context = ctx() if context is None else context
     if states is None:
-        states = objective.init(None, TABLE, None, None, jax.random.key(42))
+        states = objective.init(TABLE, params, jax.random.key(42))
     return objective.value(params, context, states)
 
 
@@ -188,7 +186,7 @@ def test_random_labels_are_wrong_fixed_per_example_and_cover_all_wrong_classes()
 def test_random_labels_term_is_cross_entropy_against_the_drawn_labels():
     term = O.random_labels()
     objective = term.as_objective()
-    states = objective.init(None, TABLE, None, None, jax.random.key(5))
+    states = objective.init(TABLE, {"z": jnp.asarray(Z)}, jax.random.key(5))
     label_key = states["forget/random_labels"]
     wrong = np.asarray(O._wrong_labels(label_key, FORGET["y"], FORGET["id"], 3))
     want = -np.mean(np_log_softmax(Z[[0, 1]])[[0, 1], wrong])
@@ -202,7 +200,7 @@ def test_random_labels_redrawn_each_step_when_not_fixed():
     i = jnp.arange(64)
     batch = {"x": i % 4, "y": i % 3, "id": i}
     objective = O.random_labels(fixed=False).as_objective()
-    assert objective.init(None, TABLE, None, None, jax.random.key(0)) == {}
+    assert objective.init(TABLE, {"z": jnp.asarray(Z)}, jax.random.key(0)) == {}
     a = value(objective, context=ctx(key=1, forget=batch))[0]
     b = value(objective, context=ctx(key=2, forget=batch))[0]
     assert abs(float(a) - float(b)) > 1e-3
@@ -229,10 +227,9 @@ def test_retain_and_forget_kl_to_the_original(temperature):
 
 
 def test_forget_kl_to_a_random_teacher_uses_reinitialised_params():
-    state = SimpleNamespace(params={"z": jnp.asarray(Z)})  # only .params is read
     teacher_init = lambda key: {"z": jax.random.normal(key, Z.shape)}
     objective = O.forget_kl(teacher="random", teacher_init=teacher_init).as_objective()
-    states = objective.init(state, TABLE, None, None, jax.random.key(0))
+    states = objective.init(TABLE, {"z": jnp.asarray(Z)}, jax.random.key(0))
     teacher = np.asarray(states["forget/kl_random_teacher"]["z"])
     x_f = np.asarray(FORGET["x"])
     got = value(objective, states=states)[0]
@@ -317,7 +314,7 @@ def test_terms_name_the_missing_side_and_the_wrong_task():
         value(O.retain_loss(), context=ctx(retain=None))
     regression = Task(apply=lambda p, x: p["z"][x], kind="regression")
     with pytest.raises(ValueError, match=r"class probabilities.*regression"):
-        O.retain_kl().as_objective().init(None, regression, None, None, jax.random.key(0))
+        O.retain_kl().as_objective().init(regression, {"z": jnp.asarray(Z)}, jax.random.key(0))
 
 
 def test_docstring_examples():

@@ -8,11 +8,12 @@ import optax
 import pytest
 
 from tests._problems import loop_grads, mlp_problem
+from unlearn_jax.core import reductions
 from unlearn_jax.core.task import Task
 from unlearn_jax.data import Dataset
 from unlearn_jax.methods import objectives as O
 from unlearn_jax.methods import transforms as T
-from unlearn_jax.methods.base import unlearn
+from unlearn_jax.methods.driver import compute_statistics, unlearn
 from unlearn_jax.methods.gradient import gradient_method
 
 RTOL = 1e-5  # same float32 operations in a different order
@@ -159,9 +160,10 @@ def test_saliency_mask_is_the_top_k_of_the_summed_forget_gradient():
     ds = Dataset(
         x=np.asarray(forget["x"]), y=np.asarray(forget["y"]), ids=np.arange(6), num_classes=3
     )
-    state = T.saliency_mask(0.25, chunk_size=4).init(
-        SimpleState(params), task, None, ds, None, jax.random.key(0)
-    )
+    saliency = T.saliency_mask(0.25, batch_size=4)
+    carrier = gradient_method(O.forget_loss(), optax.sgd(0.1), transform=saliency)
+    stats = compute_statistics(carrier, task, params, ds, None, batch_size=4, key=jax.random.key(0))
+    state = saliency.init(params, jax.random.key(0), stats)
     summed = jax.jit(
         lambda p: jax.tree_util.tree_map(
             lambda g: jnp.abs(jnp.sum(g, axis=0)), loop_grads(loss_fn, p, forget)
@@ -172,11 +174,6 @@ def test_saliency_mask_is_the_top_k_of_the_summed_forget_gradient():
     k = round(0.25 * flat.size)
     np.testing.assert_array_equal(np.sort(np.flatnonzero(got)), np.sort(np.argsort(-flat)[:k]))
     np.testing.assert_allclose(state.kept_fraction, k / flat.size, rtol=RTOL)
-
-
-class SimpleState:
-    def __init__(self, params):
-        self.params = params
 
 
 def _dataset(batch, offset=0):
@@ -202,25 +199,25 @@ def test_masked_weights_stay_bit_identical_with_weight_decay_and_momentum():
     optimizer = optax.chain(optax.add_decayed_weights(5e-2), optax.sgd(0.1, momentum=0.9))
     objective = -O.forget_loss() + O.retain_loss()
     forget_ds, retain_ds = _dataset(forget), _dataset(retain, 100)
-    method = gradient_method(objective, optimizer, transforms=(T.saliency_mask(0.3),))
+    method = gradient_method(objective, optimizer, transform=T.saliency_mask(0.3))
     result = unlearn(
         method, state, task, forget_ds, retain_ds, key=jax.random.key(1), steps=15, batch_size=4
     )
-    mask = result.method_state.transform_states[0].mask
+    mask = result.method_state.transform_state.mask
     for before, after, m in zip(
         _bits(params), _bits(result.state.params), jax.tree_util.tree_leaves(mask), strict=True
     ):
         m = np.asarray(m)
         np.testing.assert_array_equal(after[~m], before[~m])  # bit for bit
         assert np.all(after[m] != before[m])  # the kept weights did move
-    assert 0.25 < float(result.method_state.transform_states[0].kept_fraction) <= 0.3 + 1e-6
+    assert 0.25 < float(result.method_state.transform_state.kept_fraction) <= 0.3 + 1e-6
 
     # Control: masking only the gradient (the reference code's way) lets weight decay move them.
     def gradient_only(fraction):
         full = T.saliency_mask(fraction)
         return full._replace(update_mask=None)
 
-    control = gradient_method(objective, optimizer, transforms=(gradient_only(0.3),))
+    control = gradient_method(objective, optimizer, transform=gradient_only(0.3))
     moved = unlearn(
         control, state, task, forget_ds, retain_ds, key=jax.random.key(1), steps=15, batch_size=4
     )
@@ -238,7 +235,7 @@ def test_masked_weights_stay_bit_identical_with_adam_and_sam():
     method = gradient_method(
         O.npo(beta=0.1) + O.retain_loss(),
         optax.adamw(1e-2, weight_decay=0.1),
-        transforms=(T.sharpness_aware(0.05), T.saliency_mask(0.5)),
+        transform=T.chain(T.sharpness_aware(0.05), T.saliency_mask(0.5)),
     )
     result = unlearn(
         method,
@@ -250,8 +247,77 @@ def test_masked_weights_stay_bit_identical_with_adam_and_sam():
         steps=5,
         batch_size=4,
     )
-    mask = result.method_state.transform_states[1].mask
+    mask = result.method_state.transform_state[1].mask
     for before, after, m in zip(
         _bits(params), _bits(result.state.params), jax.tree_util.tree_leaves(mask), strict=True
     ):
         np.testing.assert_array_equal(after[~np.asarray(m)], before[~np.asarray(m)])
+
+
+def test_kth_largest_is_exact_across_leaves_and_scales():
+    rng = np.random.default_rng(1)
+    scores = {"a": jnp.asarray(rng.random((6, 5)), jnp.float32),
+              "b": jnp.asarray(rng.random(17) * 1e-30, jnp.float32)}  # fmt: skip
+    flat = np.sort(np.concatenate([np.ravel(v) for v in scores.values()]))[::-1]
+    kth = jax.jit(T.kth_largest, static_argnums=1)
+    for k in (1, 2, 30, 31, 47):  # k = 31 falls among the tiny entries
+        assert float(kth(scores, k)) == flat[k - 1]
+
+
+def test_zero_scores_are_never_salient():
+    scores = {"w": jnp.asarray([0.0, 0.0, 0.0, 2.0, 1.0])}
+    mask = T.top_fraction_mask(scores, 0.8)  # k = 4, but only two weights have a gradient
+    np.testing.assert_array_equal(mask["w"], [False, False, False, True, True])
+
+
+def test_an_optax_transform_inside_a_gradient_method_acts_exactly_as_optax_says():
+    """optax.clip_by_global_norm in the chain: the applied update is -lr * clip(g), g the plain
+    gradient of the objective at the current parameters, step after step."""
+    params, task, forget, retain, _ = tiny()
+    from flax.training.train_state import TrainState
+
+    state = TrainState.create(apply_fn=None, params=params, tx=optax.identity())
+    objective = -O.forget_loss() + O.retain_loss()
+    lr, max_norm = 0.05, 0.1
+    method = gradient_method(
+        objective, optax.sgd(lr), transform=optax.clip_by_global_norm(max_norm)
+    )
+    forget_ds, retain_ds = _dataset(forget), _dataset(retain, 100)
+    result = unlearn(
+        method, state, task, forget_ds, retain_ds, key=jax.random.key(4), steps=3, batch_size=64
+    )
+    # The whole sets fit in one batch: each step's gradient is the full objective's.
+    ref, batch_f, batch_r = params, forget, retain
+    for _ in range(3):
+        ctx = context(task, batch_f, batch_r)
+        _, g = T.value_and_grad(objective, ref, ctx, {})
+        clip = optax.clip_by_global_norm(max_norm)
+        clipped, _ = clip.update(g, clip.init(ref), ref)
+        ref = jax.tree_util.tree_map(lambda p, c: p - lr * c, ref, clipped)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        result.state.params,
+        ref,
+    )
+    np.testing.assert_allclose(result.metrics["grad_norm"], max_norm, rtol=1e-5)
+
+
+def test_chain_composes_wraps_updates_masks_and_statistics():
+    t = T.chain(T.sharpness_aware(0.01), T.saliency_mask(0.5), optax.clip_by_global_norm(1.0))
+    assert t.name == "chain(sam, saliency_mask, optax)"
+    assert set(t.statistics) == {"1/forget_gradient"}
+    assert t.wrap is not None and t.update is not None and t.update_mask is not None
+    with pytest.raises(TypeError, match="GradientTransform"):
+        T.chain("clip")
+
+
+def test_saliency_statistic_is_the_streaming_gradient_sum():
+    params, task, forget, _, loss_fn = tiny()
+    ds = _dataset(forget)
+    out = reductions.reduce(reductions.gradient_sum(task.loss), params,
+                            [ds.take(np.arange(4)).as_batch(), ds.take([4, 5]).as_batch()])  # fmt: skip
+    want = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), loop_grads(loss_fn, params, forget))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out.value, want
+    )
+    assert float(out.count) == 6

@@ -8,8 +8,8 @@ import pytest
 
 from tests.methods._digits import trained_mlp
 from unlearn_jax import data
-from unlearn_jax.methods.base import unlearn
-from unlearn_jax.methods.woodfisher import woodbury_inverse_vp, woodfisher, woodfisher_direction
+from unlearn_jax.methods.driver import unlearn
+from unlearn_jax.methods.woodfisher import woodbury_inverse_vp, woodfisher
 
 RTOL_F64 = 1e-10
 
@@ -69,27 +69,44 @@ def test_direction_on_a_model_matches_dense_fisher():
     splits, task, state = trained_mlp()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), state.params)
     split = data.random_forget(splits.train, 0.05, seed=0)
-    wf = woodfisher_direction(
-        task, params, split.forget, split.retain, jax.random.key(0), damping=0.5, num_grads=64
+    # A retain set of 64 with num_grads=64: G holds every retain gradient (in some order).
+    retain = split.retain.take(np.arange(64))
+    result = unlearn(
+        woodfisher(alpha=1.0, damping=0.5, num_grads=64),
+        state.replace(params=params),
+        task,
+        split.forget,
+        retain,
+        key=jax.random.key(0),
     )
-    assert wf.num_grads == 64
+    assert int(result.metrics["woodfisher/num_grads"][0]) == 64
     # Rebuild G and v independently: per-example gradients by a loop of jax.grad.
-    rows = np.asarray(jax.random.choice(jax.random.key(0), len(split.retain), (64,), replace=False))
-    sample = split.retain.take(rows).as_batch()
     flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])
     one_grad = jax.jit(
         lambda p, x, y: jax.flatten_util.ravel_pytree(jax.grad(task.loss)(p, {"x": x, "y": y}))[0]
     )
-    g = np.stack([np.asarray(one_grad(params, sample["x"][i], sample["y"][i])) for i in range(64)])
+    g = np.stack([np.asarray(one_grad(params, retain.x[i], retain.y[i])) for i in range(64)])
     mean_grad = jax.jit(jax.grad(lambda p, b: task.batch_loss(p, b)))
     mean = lambda ds: flat(mean_grad(params, {"x": jnp.asarray(ds.x), "y": jnp.asarray(ds.y)}))
-    n_f, n = len(split.forget), len(splits.train)
-    v = (n_f / n) * (mean(split.forget) - mean(split.retain))
-    np.testing.assert_allclose(float(wf.v_norm), np.linalg.norm(v), rtol=1e-8)
+    n_f, n = len(split.forget), len(split.forget) + 64
+    v = (n_f / n) * (mean(split.forget) - mean(retain))
+    np.testing.assert_allclose(result.metrics["woodfisher/v_norm"][0], np.linalg.norm(v), rtol=1e-8)
     # x = F^-1 v solves (0.5 I + G^T G / N) x = v, checked without forming the [P, P] matrix.
-    x = flat(wf.direction)
+    x = flat(result.method_state.direction)
     residual = 0.5 * x + g.T @ (g @ x) / 64 - v
     assert np.linalg.norm(residual) <= 1e-9 * np.linalg.norm(v)
+    # The pytree Woodbury with zero padding rows equals the dense solve on the real rows.
+    padded = np.concatenate([g, np.zeros((16, g.shape[1]))])
+    got = woodbury_inverse_vp(jnp.asarray(padded), jnp.asarray(v), 0.5, 64)
+    np.testing.assert_allclose(got, x, rtol=1e-8, atol=1e-12)
+
+
+def test_models_too_large_for_n_gradients_are_refused():
+    splits, task, state = trained_mlp()
+    split = data.random_forget(splits.train, 0.05, seed=0)
+    with pytest.raises(ValueError, match=r"max_bytes"):
+        unlearn(woodfisher(num_grads=1000, max_bytes=10_000), state, task, split.forget,
+                split.retain, key=jax.random.key(0))  # fmt: skip
 
 
 def test_unlearner_applies_alpha_times_direction():

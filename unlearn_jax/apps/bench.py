@@ -34,7 +34,7 @@ import optax
 from unlearn_jax import _validate, data, evaluation, models, training
 from unlearn_jax.apps import registry
 from unlearn_jax.evaluation import mia
-from unlearn_jax.methods.base import unlearn, unlearn_many
+from unlearn_jax.methods.driver import unlearn, unlearn_many
 
 TABLE_COLUMNS = (
     "method",
@@ -488,7 +488,7 @@ def run_benchmark(
             "hparams": result.hparams,
             "run": run_kwargs,
             "sweep": sweep,
-            "vectorised_seeds": many.vectorised,
+            "guarantee": result.guarantee,
             "final_metrics": {
                 k: float(np.asarray(v)[-1]) for k, v in result.metrics.items() if np.ndim(v) == 1
             },

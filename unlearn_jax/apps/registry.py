@@ -21,7 +21,7 @@ import optax
 from unlearn_jax import _validate
 from unlearn_jax.methods import gradient as G
 from unlearn_jax.methods.analytic import acu
-from unlearn_jax.methods.base import Unlearner
+from unlearn_jax.methods.protocol import Unlearner
 from unlearn_jax.methods.iau import iau
 from unlearn_jax.methods.influence import influence_removal
 from unlearn_jax.methods.ssd import ssd
@@ -224,6 +224,7 @@ def build(name: str, **overrides: Any) -> tuple[Unlearner, dict[str, Any]]:
         method = spec.build(**hparams)
     except TypeError as error:
         raise ValueError(f"{name}: bad hyper-parameters {hparams}: {error}") from error
-    if method.one_shot:
-        run.pop("batch_size", None)
+    if method.feeds.run is not None:  # the method fixes its own run length
+        run.pop("epochs", None)
+        run.pop("steps", None)
     return method, run

@@ -18,7 +18,13 @@ from unlearn_jax.core.curvature import (
     hvp,
 )
 from unlearn_jax.core.grads import mean_grad, per_example_grad_norms, per_example_grads
-from unlearn_jax.core.solvers import InverseHVPResult, SolverDidNotConverge, inverse_hvp
+from unlearn_jax.core.solvers import (
+    InverseHVPResult,
+    SolverDidNotConverge,
+    inverse_hvp,
+    inverse_hvp_many,
+    top_eigenvalue,
+)
 from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, Task, flax_task
 
 __all__ = [
@@ -34,7 +40,9 @@ __all__ = [
     "ggn_vp",
     "hvp",
     "inverse_hvp",
+    "inverse_hvp_many",
     "mean_grad",
     "per_example_grad_norms",
     "per_example_grads",
+    "top_eigenvalue",
 ]

@@ -187,10 +187,15 @@ def _sum_acc(params: Params) -> dict:
     return {"sum": _zeros(params), "count": jnp.zeros((), jnp.float32)}
 
 
+def _divide(tree, count):
+    """``tree / count`` leaf by leaf, the division in each leaf's dtype (``1/count`` rounded to
+    float32 would cost float64 statistics their precision)."""
+    safe = jnp.where(count > 0, count, 1)
+    return jax.tree_util.tree_map(lambda t: t / safe.astype(t.dtype), tree)
+
+
 def _mean_finalize(acc) -> Reduced:
-    count = acc["count"]
-    scale = 1.0 / jnp.where(count > 0, count, 1.0)
-    return Reduced(jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), acc["sum"]), count)
+    return Reduced(_divide(acc["sum"], acc["count"]), acc["count"])
 
 
 def _sum_finalize(acc) -> Reduced:
@@ -279,8 +284,7 @@ def _batch_mean_reduction(loss_fn: LossFn, transform, name: str) -> Reduction:
         count = jnp.sum(mask)
         # The gradient of the batch's MEAN loss over its real rows; an all-padding batch adds 0.
         g = jax.grad(lambda p: _weighted_loss_sum(loss_fn, p, batch))(params)
-        scale = 1.0 / jnp.where(count > 0, count, 1.0)
-        part = jax.tree_util.tree_map(lambda t: transform(t * scale.astype(t.dtype)), g)
+        part = jax.tree_util.tree_map(transform, _divide(g, count))
         return {
             "sum": _add(acc["sum"], part),
             "count": acc["count"] + count,
@@ -288,10 +292,7 @@ def _batch_mean_reduction(loss_fn: LossFn, transform, name: str) -> Reduction:
         }
 
     def finalize(acc):
-        num = acc["batches"]
-        scale = 1.0 / jnp.where(num > 0, num, 1.0)
-        value = jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), acc["sum"])
-        return Reduced(value, acc["count"])
+        return Reduced(_divide(acc["sum"], acc["batches"]), acc["count"])
 
     return Reduction(init, accumulate, finalize, name)
 

@@ -1,27 +1,36 @@
-"""Unlearning methods: the protocol, the driver, and every method by name.
+"""Unlearning methods: the protocol, the driver, composition, and every method by name.
 
-Gradient-based recipes are assembled from objective terms (:mod:`~unlearn_jax.methods.objectives`,
-reached as a module because its ``npo``/``simnpo`` TERMS share names with the recipes here), gradient
-transforms (:mod:`~unlearn_jax.methods.transforms`) and any optax optimizer. One-shot methods (SSD,
-influence removal, WoodFisher, IAU, analytic unlearning) implement the same protocol.
+A method is an optax-like pair of pure functions (:class:`Unlearner`; :mod:`~.protocol`), run by
+:func:`unlearn` / :func:`unlearn_many` (:mod:`~.driver`). Gradient-based recipes are assembled from
+objective terms (:mod:`~.objectives`, reached as a module because its ``npo``/``simnpo`` TERMS share
+names with the recipes here), gradient transforms (:mod:`~.transforms`, optax transforms included,
+composed with :func:`chain`) and any optax optimizer (:mod:`~.gradient`). One-shot and closed-form
+methods implement the same protocol: second-order (:mod:`~.ssd`, :mod:`~.influence`,
+:mod:`~.woodfisher`, :mod:`~.iau`) and exact (:mod:`~.analytic`; :mod:`~.certified` for linear
+models). Whole methods compose with :func:`sequence`.
 """
 
 from unlearn_jax.methods import objectives, transforms
-from unlearn_jax.methods.analytic import AnalyticHead, NotLearnedError, acu, fit_analytic_head
-from unlearn_jax.methods.base import (
+from unlearn_jax.methods.analytic import (
+    AnalyticHead,
+    AnalyticState,
+    NotLearnedError,
+    acu,
+    fit_analytic_head,
+)
+from unlearn_jax.methods.certified import CertifiedLinearModel, certified_fit, certified_remove
+from unlearn_jax.methods.compose import Sequence, sequence
+from unlearn_jax.methods.driver import (
     NonFiniteLossError,
-    RunInfo,
-    Unlearner,
     UnlearnManyResult,
     UnlearnResult,
-    steps_per_pass,
+    compute_statistics,
     unlearn,
     unlearn_many,
 )
-from unlearn_jax.methods.certified import CertifiedLinearModel, certified_fit, certified_remove
 from unlearn_jax.methods.gradient import (
     GradientMethodState,
-    GradientParts,
+    GradientRecipe,
     Phase,
     bad_teacher,
     finetune,
@@ -39,10 +48,20 @@ from unlearn_jax.methods.gradient import (
 )
 from unlearn_jax.methods.iau import gradient_restriction, iau
 from unlearn_jax.methods.influence import influence_removal
+from unlearn_jax.methods.protocol import (
+    Checks,
+    Feeds,
+    RunPlan,
+    Statistic,
+    Unlearner,
+    with_run,
+)
 from unlearn_jax.methods.ssd import full_data_importances, lfssd, ssd
 from unlearn_jax.methods.transforms import (
     GradientTransform,
     SaliencyState,
+    chain,
+    from_optax,
     saliency_mask,
     sharpness_aware,
     top_fraction_mask,
@@ -51,15 +70,20 @@ from unlearn_jax.methods.woodfisher import woodfisher
 
 __all__ = [
     "AnalyticHead",
+    "AnalyticState",
     "CertifiedLinearModel",
+    "Checks",
+    "Feeds",
     "GradientMethodState",
-    "GradientParts",
+    "GradientRecipe",
     "GradientTransform",
     "NonFiniteLossError",
     "NotLearnedError",
     "Phase",
-    "RunInfo",
+    "RunPlan",
     "SaliencyState",
+    "Sequence",
+    "Statistic",
     "UnlearnManyResult",
     "UnlearnResult",
     "Unlearner",
@@ -67,8 +91,11 @@ __all__ = [
     "bad_teacher",
     "certified_fit",
     "certified_remove",
+    "chain",
+    "compute_statistics",
     "finetune",
     "fit_analytic_head",
+    "from_optax",
     "full_data_importances",
     "grad_diff",
     "gradient_ascent",
@@ -85,14 +112,15 @@ __all__ = [
     "salun",
     "sam",
     "scrub",
+    "sequence",
     "sgd",
     "sharpness_aware",
     "simnpo",
     "ssd",
-    "steps_per_pass",
     "top_fraction_mask",
     "transforms",
     "unlearn",
     "unlearn_many",
+    "with_run",
     "woodfisher",
 ]

@@ -34,8 +34,12 @@ Two safeguards keep ``R`` honest:
   a system that is not positive definite (which the learned-data check makes impossible except
   through numerical breakdown) raises.
 
-The same head is available as an :class:`~unlearn_jax.methods.base.Unlearner` (:func:`acu`) that
-reads the features from a model's ``features`` method and writes ``W`` into its ``"head"`` layer.
+The same head is available as an :class:`~unlearn_jax.methods.protocol.Unlearner` (:func:`acu`)
+that reads the features from a model's ``features`` method and writes ``W`` into its ``"head"`` layer.
+Its update is pure (it downdates ``R`` and ``Q`` one forget batch at a time, sequential downdates
+being exact), so it runs jitted and ``vmap``-ed over stacked models; the :class:`AnalyticHead` is its
+host-side ledger: the request is checked against it before the run (:meth:`AnalyticHead.check_learned`)
+and it is updated from the result afterwards (:meth:`AnalyticHead.after`).
 
 References:
   "ACU: Analytic Continual Unlearning for Efficient and Exact Forgetting with Privacy
@@ -46,8 +50,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +60,10 @@ import numpy as np
 from flax.training.train_state import TrainState
 
 from unlearn_jax import _validate
+from unlearn_jax.core.batch import row_mask
+from unlearn_jax.core.reductions import Reduced, Reduction
 from unlearn_jax.core.task import CLASSIFICATION, Task
-from unlearn_jax.methods.base import Unlearner
+from unlearn_jax.methods.protocol import FORGET, TRAIN, Checks, Feeds, Statistic, Unlearner
 
 # Relative tolerance when comparing an example's fingerprint at removal with the one recorded when it
 # was learned. Features recomputed by the same float32 backbone can differ in the last bits between
@@ -293,20 +300,13 @@ class AnalyticHead:
             self, r=r, q=q, learned_ids=all_ids[order], fingerprints=all_fps[order]
         )
 
-    def unlearn(self, features: Any, targets: Any, ids: Any) -> AnalyticHead:
-        r"""Removes a batch: :math:`R \leftarrow R + R X^\top (I - X R X^\top)^{-1} X R`, :math:`Q \mathrel{-}= X^\top Y`.
-
-        Args:
-          features: ``[B, D]`` the features of the examples to remove (as they were learned).
-          targets: their targets, as given to :meth:`learn`.
-          ids: ``[B]`` their ids; every one must be learned, each at most once in the batch.
-
-        Returns:
-          The updated head; ``weights`` now equals ridge regression on the remaining examples.
+    def check_learned(self, features: Any, targets: Any, ids: Any) -> np.ndarray:
+        """Checks that every example was learned, with these features and targets; returns the
+        positions of ``ids`` in :attr:`learned_ids`.
 
         Raises:
           NotLearnedError: an id that is not learned, or whose features/target differ from those
-            learned (fingerprint mismatch). Nothing is changed.
+            learned (fingerprint mismatch).
           ValueError: shapes that do not fit, non-finite features, repeated ids.
         """
         x, y, ids_arr = self._checked_batch(features, targets, ids, "unlearn")
@@ -330,6 +330,26 @@ class AnalyticHead:
                 "their removal would not cancel their addition. Was the backbone changed after "
                 "learning?"
             )
+        return pos
+
+    def unlearn(self, features: Any, targets: Any, ids: Any) -> AnalyticHead:
+        r"""Removes a batch: :math:`R \leftarrow R + R X^\top (I - X R X^\top)^{-1} X R`, :math:`Q \mathrel{-}= X^\top Y`.
+
+        Args:
+          features: ``[B, D]`` the features of the examples to remove (as they were learned).
+          targets: their targets, as given to :meth:`learn`.
+          ids: ``[B]`` their ids; every one must be learned, each at most once in the batch.
+
+        Returns:
+          The updated head; ``weights`` now equals ridge regression on the remaining examples.
+
+        Raises:
+          NotLearnedError: an id that is not learned, or whose features/target differ from those
+            learned (fingerprint mismatch). Nothing is changed.
+          ValueError: shapes that do not fit, non-finite features, repeated ids.
+        """
+        pos = self.check_learned(features, targets, ids)
+        x, y, _ = self._checked_batch(features, targets, ids, "unlearn")
         rows = _bucket(x.shape[0])
         r, q, ok = _unlearn_kernel(self.r, self.q, _pad_rows(x, rows), _pad_rows(y, rows))
         if not bool(ok):
@@ -337,10 +357,31 @@ class AnalyticHead:
                 "unlearn: I - X R X^T is not positive definite although every example was learned; "
                 f"R has lost accuracy (dtype {self.dtype}). Use float64 or a larger gamma."
             )
+        return self._without(pos, r, q)
+
+    def _without(self, pos: np.ndarray, r, q) -> AnalyticHead:
         keep = np.ones(self.num_learned, bool)
         keep[pos] = False
         return dataclasses.replace(
             self, r=r, q=q, learned_ids=self.learned_ids[keep], fingerprints=self.fingerprints[keep]
+        )
+
+    def after(self, state: AnalyticState, ids: Any) -> AnalyticHead:
+        """The ledger after an :func:`acu` run that removed ``ids``: ``R``, ``Q`` from the run's final
+        method state, the ids and their fingerprints dropped.
+
+        Raises:
+          NotLearnedError: an id that is not learned.
+        """
+        ids_arr = np.asarray(ids, np.int64).reshape(-1)
+        known = self.contains(ids_arr)
+        if not known.all():
+            raise NotLearnedError(
+                f"after: ids {ids_arr[~known][:5].tolist()} are not learned by this head."
+            )
+        pos = np.searchsorted(self.learned_ids, ids_arr)
+        return self._without(
+            pos, jnp.asarray(state.r, self.dtype), jnp.asarray(state.q, self.dtype)
         )
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -512,6 +553,63 @@ def with_head(params: Any, head: AnalyticHead, path: Sequence[str] = ("head",)) 
     return replace(params, list(path))
 
 
+class AnalyticState(NamedTuple):
+    """The pure state of :func:`acu`: the head's sufficient statistics ``R`` and ``Q`` (module
+    docstring), ``W = R Q``, and whether every downdate's Cholesky factor was finite."""
+
+    r: jax.Array
+    q: jax.Array
+    ok: jax.Array
+
+
+def _head_dims(params: Any, head_path: tuple[str, ...]) -> tuple[int, int]:
+    node = params
+    for name in head_path:
+        node = node[name]
+    feature_dim, num_outputs = node["kernel"].shape
+    return int(feature_dim), int(num_outputs)
+
+
+def _design_and_targets(task, features_fn, params, batch, dtype, fit_bias, num_outputs):
+    """``(X [B, D'], Y [B, K])`` of a padded batch in ``dtype``; padding rows are zero rows."""
+    mask = row_mask(batch, dtype)
+    x = features_fn(params, batch["x"]).astype(dtype)
+    if fit_bias:
+        x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), dtype)], axis=1)
+    if task.kind == CLASSIFICATION:
+        y = jax.nn.one_hot(batch["y"], num_outputs, dtype=dtype)
+    else:
+        y = batch["y"].reshape(x.shape[0], num_outputs).astype(dtype)
+    return x * mask[:, None], y * mask[:, None]
+
+
+@functools.cache
+def _ridge_reduction(task, features_fn, gamma, fit_bias, dtype, head_path) -> Reduction:
+    """Streaming ``Phi^T Phi`` and ``Phi^T Y`` over the training set; finalize gives ``R, Q``."""
+
+    def init(params):
+        d, k = _head_dims(params, head_path)
+        d += 1 if fit_bias else 0
+        return {"gram": jnp.zeros((d, d), dtype), "cross": jnp.zeros((d, k), dtype),
+                "count": jnp.zeros((), jnp.float32)}  # fmt: skip
+
+    def accumulate(acc, params, batch, key):
+        del key
+        _, k = _head_dims(params, head_path)
+        x, y = _design_and_targets(task, features_fn, params, batch, dtype, fit_bias, k)
+        return {"gram": acc["gram"] + x.T @ x, "cross": acc["cross"] + x.T @ y,
+                "count": acc["count"] + jnp.sum(row_mask(batch))}  # fmt: skip
+
+    def finalize(acc):
+        d = acc["gram"].shape[0]
+        regularised = acc["gram"] + gamma * jnp.eye(d, dtype=dtype)
+        chol = jnp.linalg.cholesky(regularised)
+        r = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(d, dtype=dtype))
+        return Reduced({"r": 0.5 * (r + r.T), "q": acc["cross"]}, acc["count"])
+
+    return Reduction(init, accumulate, finalize, "ridge_statistics")
+
+
 def acu(
     head: AnalyticHead | None = None,
     *,
@@ -522,17 +620,20 @@ def acu(
     head_path: Sequence[str] = ("head",),
     batch_size: int = 512,
 ) -> Unlearner:
-    r"""Analytic continual unlearning (ACU) as a one-shot :class:`Unlearner`.
+    r"""Analytic continual unlearning (ACU) as an :class:`~unlearn_jax.methods.protocol.Unlearner`.
 
     The model is split into a frozen backbone :math:`\phi` (``features_fn``, by default the model's
-    ``features`` method) and its last Dense layer (``head_path``). ``update`` removes the forget
-    batch from the :class:`AnalyticHead` by the closed-form downdate and writes
-    :math:`W = R Q` into that layer; the returned ``method_state`` is the updated head, ready for
-    the next deletion request.
+    ``features`` method) and its last Dense layer (``head_path``). The run makes ONE pass over the
+    forget set; each step removes one (padded) forget batch from the head's statistics by the
+    closed-form downdate (sequential downdates are exact) and writes :math:`W = R Q` into that layer.
+    The final method state is an :class:`AnalyticState`; ``head.after(state, forget.ids)`` updates
+    the host ledger for the next request.
 
-    With ``head`` given (learned at training time with :func:`fit_analytic_head` on the training
-    set), no retained data is read. With ``head=None`` the head is first learned from
-    ``retain`` + ``forget`` (the training set) in ``init``, so ``retain`` is required.
+    With ``head`` given (learned at training time with :func:`fit_analytic_head`), no retained data
+    is read and the request is first checked against the head's ledger (every forget example learned,
+    with the same features: :class:`NotLearnedError` otherwise). With ``head=None`` the head's
+    statistics :math:`\Phi^\top\Phi, \Phi^\top Y` are a streaming statistic over retain +
+    forget (the training set), so ``retain`` is required.
 
     Guarantees:
       Exact for the head: the new head equals ridge regression retrained on the retained features.
@@ -540,14 +641,19 @@ def acu(
       set.
 
     Args:
-      head: a head learned on the training set, or ``None`` (learn it in ``init``).
-      gamma, fit_bias, dtype: for a head learned in ``init`` (ignored when ``head`` is given).
-      features_fn: ``features(params, x) -> [B, D]``; default :func:`model_features_fn`.
+      head: a head learned on the training set, or ``None`` (learn it from the data).
+      gamma, fit_bias, dtype: for a head learned from the data (ignored when ``head`` is given).
+        ``dtype=None``: float64 when JAX's 64-bit mode is on, else float32.
+      features_fn: ``features(params, x) -> [B, D]``; default: the model's ``features`` method.
       head_path: where the head's Dense layer lives in the params.
-      batch_size: examples per learn call when learning in ``init``.
+      batch_size: examples per batch of the statistics pass.
 
     Returns:
-      An :class:`Unlearner` named ``"acu"``.
+      An :class:`Unlearner` named ``"acu"`` (metrics ``loss``, ``acu/num_removed``).
+
+    Raises:
+      NotLearnedError (from ``unlearn``): a forget example the given head never learned.
+      FloatingPointError (from ``unlearn``): a downdate whose Cholesky factor was not finite.
 
     References:
       "ACU: Analytic Continual Unlearning for Efficient and Exact Forgetting with Privacy
@@ -558,68 +664,121 @@ def acu(
     _validate.positive(gamma=gamma)
     _validate.positive_int(batch_size=batch_size)
     head_path = tuple(head_path)
+    dtype = head.dtype if head is not None else _resolve_dtype(dtype)
+    fit_bias = head.fit_bias if head is not None else bool(fit_bias)
 
-    def features_of(state):
-        return features_fn if features_fn is not None else model_features_fn(state)
+    def features_of(task):
+        if features_fn is not None:
+            return features_fn
+        module = getattr(task, "module", None)
+        if module is None or getattr(type(module), "features", None) is None:
+            raise ValueError(
+                "acu needs the model's features: pass features_fn=, or a task built from a model "
+                "with a `features` method (unlearn_jax.models.model_task)."
+            )
+        return _module_features(module)
 
-    def init(train_state, task, forget, retain, key):
-        del key
-        if head is not None:
-            return head
-        if retain is None:
-            raise ValueError("acu(head=None) learns the head from retain + forget; pass retain.")
-        fn = features_of(train_state)
-        num_outputs = int(
-            jax.eval_shape(
-                task.apply,
-                train_state.params,
-                jax.ShapeDtypeStruct((1, *forget.x.shape[1:]), jnp.float32),
-            ).shape[-1]
-        )
-        learned = fit_analytic_head(
-            fn,
-            train_state.params,
-            retain,
-            num_outputs=num_outputs,
-            kind=task.kind,
-            gamma=gamma,
-            fit_bias=fit_bias,
-            dtype=dtype,
-            batch_size=batch_size,
-        )
-        feats = _dataset_features(fn, train_state.params, forget, batch_size)
-        return learned.learn(feats, _head_targets(task, forget.y), forget.ids)
+    def reduction(task):
+        return _ridge_reduction(task, features_of(task), float(gamma), fit_bias, dtype, head_path)
 
-    def update(train_state, method_state, task, forget_batch, retain_batch, key):
+    if head is not None:
+        value = Reduced({"r": head.r, "q": head.q}, jnp.asarray(head.num_learned, jnp.float32))
+        statistic = Statistic(reduction, TRAIN, batch_size, value=value)
+    else:
+        statistic = Statistic(reduction, TRAIN, batch_size)
+
+    def check_request(task, params, forget, retain):
+        del retain
+        if head is None:
+            return
+        feats = _dataset_features(features_of(task), params, forget, batch_size)
+        head.check_learned(feats, _head_targets(task, forget.y), forget.ids)
+
+    def init(task, params, key, stats, plan):
+        del task, key, plan
+        d, k = _head_dims(params, head_path)
+        r, q = stats["head"].value["r"], stats["head"].value["q"]
+        if r.shape != (d + (1 if fit_bias else 0),) * 2 or q.shape[1] != k:
+            raise ValueError(
+                f"the head's statistics have R {r.shape}, Q {q.shape} but the layer at "
+                f"{'/'.join(head_path)} is [{d}, {k}] (fit_bias={fit_bias})."
+            )
+        return AnalyticState(r.astype(dtype), q.astype(dtype), jnp.ones((), bool))
+
+    def update(task, params, method_state, forget_batch, retain_batch, key):
         del retain_batch, key
-        fn = features_of(train_state)
-        feats = jax.jit(fn)(train_state.params, forget_batch["x"])
-        new_head = method_state.unlearn(
-            feats,
-            _head_targets(task, np.asarray(forget_batch["y"])),
-            np.asarray(forget_batch["id"]),
+        _, k = _head_dims(params, head_path)
+        x, y = _design_and_targets(
+            task, features_of(task), params, forget_batch, dtype, fit_bias, k
         )
-        params = with_head(train_state.params, new_head, head_path)
-        state = train_state.replace(params=params)
+        r, q, ok = _unlearn_kernel(method_state.r, method_state.q, x, y)
+        weights = r @ q
+        new_params = _write_head(params, weights, fit_bias, head_path)
         metrics = {
-            "loss": task.batch_loss(params, forget_batch),
-            "acu/num_removed": jnp.asarray(forget_batch["x"].shape[0]),
-            "acu/num_learned": jnp.asarray(new_head.num_learned),
+            "loss": task.batch_loss(new_params, forget_batch),
+            "acu/num_removed": jnp.sum(row_mask(forget_batch)),
         }
-        return state, new_head, metrics
+        return new_params, AnalyticState(r, q, method_state.ok & ok), metrics
+
+    def check_result(method_state, metrics):
+        del metrics
+        if not bool(np.all(np.asarray(method_state.ok))):
+            raise FloatingPointError(
+                "acu: I - X R X^T was not positive definite in a downdate; R has lost accuracy "
+                f"(dtype {dtype}). Use float64 (jax.enable_x64) or a larger gamma."
+            )
 
     return Unlearner(
         init=init,
         update=update,
         name="acu",
-        needs_retain=head is None,
-        needs_forget_batches=True,
-        one_shot=True,
+        feeds=Feeds(
+            batches=(FORGET,),
+            phases=((FORGET, None),),
+            statistics={"head": statistic},
+            run={"epochs": 1},
+        ),
+        guarantee="exact",
         hparams={
             "gamma": head.gamma if head is not None else gamma,
-            "fit_bias": head.fit_bias if head is not None else fit_bias,
-            "dtype": str(head.dtype if head is not None else _resolve_dtype(dtype)),
+            "fit_bias": fit_bias,
+            "dtype": str(jnp.dtype(dtype)),
             "head_given": head is not None,
             "head_path": "/".join(head_path),
         },
+        checks=Checks(request=check_request, result=check_result),
     )
+
+
+@functools.cache
+def _module_features(module):
+    return lambda params, x: module.apply({"params": params}, x, method="features")
+
+
+def _write_head(params, weights, fit_bias, head_path):
+    """``params`` with the head layer's kernel (and bias) replaced by ``weights [D', K]``."""
+    node = params
+    for name in head_path:
+        node = node[name]
+    d = node["kernel"].shape[0]
+    layer = dict(node, kernel=weights[:d].astype(node["kernel"].dtype))
+    if fit_bias:
+        layer["bias"] = weights[d].astype(node["bias"].dtype)
+
+    def replace(tree, keys):
+        if not keys:
+            return layer
+        return {**tree, keys[0]: replace(tree[keys[0]], keys[1:])}
+
+    return replace(params, list(head_path))
+
+
+__all__ = [
+    "AnalyticHead",
+    "AnalyticState",
+    "NotLearnedError",
+    "acu",
+    "fit_analytic_head",
+    "model_features_fn",
+    "with_head",
+]

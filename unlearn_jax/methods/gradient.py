@@ -1,19 +1,20 @@
 r"""Gradient-based unlearning methods, assembled from objective terms, gradient transforms and optax.
 
 :func:`gradient_method` turns an objective (or a sequence of :class:`Phase`\ s), an optax optimizer and
-gradient transforms into an :class:`~unlearn_jax.methods.base.Unlearner`. Every step is
+a gradient transform into an :class:`~unlearn_jax.methods.protocol.Unlearner`. Every step is
 
 .. code-block:: text
 
     ctx              = (reference params, forget batch, retain batch, key, task, step, progress)
-    (loss, m), g     = value_and_grad(objective of this step's phase, params, ctx)  # transforms wrap this
+    (loss, m), g     = value_and_grad(objective of this step's phase, params, ctx)  # transform.wrap
+    g, t_state       = transform.update(g, t_state, params)                        # e.g. a mask, clip
     u, opt_state     = optimizer.update(g, opt_state, params)
     params           = where(mask, params + u, params)                              # mask: all True
                                                                                      # without a mask
 
-compiled once (one jitted function, phases selected by ``lax.switch`` on a step-indexed table). Only
-``params`` of the ``TrainState`` change; the unlearning optimizer's state lives in the method state,
-and the ``TrainState``'s own ``step`` and ``opt_state`` (the training optimizer's) are left as they were.
+one jitted function for every step of every run: the phase of a step is computed from the step
+count kept in the method state and the run's :class:`~unlearn_jax.methods.protocol.RunPlan`
+(``lax.switch`` over the phases), and schedules (l1's decaying weight) read the same step count.
 
 The named recipes (:func:`finetune`, :func:`gradient_ascent`, :func:`grad_diff`, :func:`random_label`,
 :func:`npo`, :func:`simnpo`, :func:`l1_sparse`, :func:`salun`, :func:`scrub`, :func:`bad_teacher`)
@@ -22,7 +23,9 @@ turns any of them into its sharpness-aware version. A new method is a few lines 
 
     from unlearn_jax.methods import objectives as O
     method = gradient_method(O.npo(beta=0.1) + 1.0 * O.retain_loss() + 1e-4 * O.l1_norm(),
-                             optax.adam(1e-3), transforms=(saliency_mask(0.5),), name="my_npo")
+                             optax.adam(1e-3),
+                             transform=chain(saliency_mask(0.5), optax.clip_by_global_norm(1.0)),
+                             name="my_npo")
     result = unlearn(method, state, task, forget, retain, key=key, epochs=5, batch_size=64)
 
 Learning rates: the defaults are those of each paper's own setting (CIFAR-scale SGD for the
@@ -33,21 +36,22 @@ a small data set usually needs different values, which is why every recipe takes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from unlearn_jax import _validate
 from unlearn_jax.methods import objectives as O
-from unlearn_jax.methods.base import RunInfo, Unlearner, steps_per_pass
 from unlearn_jax.methods.objectives import FORGET, RETAIN, Context, Objective, Term
+from unlearn_jax.methods.protocol import Feeds, RunPlan, Unlearner, phase_index, with_run
 from unlearn_jax.methods.transforms import (
     GradientTransform,
+    as_transform,
+    chain,
+    identity,
     saliency_mask,
     sharpness_aware,
     value_and_grad,
@@ -60,7 +64,7 @@ class Phase(NamedTuple):
     """One pass of a phased method: an objective minimised over one side's batches.
 
     Every epoch of a phased method runs its active phases in order, each for one pass of fixed-size
-    batches over its side (``ceil(n / min(batch_size, n))`` steps).
+    batches over its side (``ceil(n / B)`` steps).
 
     Attributes:
       objective: what this phase minimises (a :class:`~unlearn_jax.methods.objectives.Objective` or a
@@ -76,12 +80,22 @@ class Phase(NamedTuple):
     name: str = ""
 
 
-class GradientParts(NamedTuple):
-    """What a gradient method is made of (``Unlearner.parts``); :func:`sam` rebuilds from it."""
+class GradientRecipe(NamedTuple):
+    """What a gradient method is made of: the public shape of every method :func:`gradient_method`
+    builds (``Unlearner.recipe``), which :func:`sam` and other wrappers rebuild from.
+
+    Attributes:
+      phases: the objective(s) and the sides their passes walk over.
+      optimizer: the optax optimizer of the unlearning steps.
+      transform: the :class:`~unlearn_jax.methods.transforms.GradientTransform` between the gradient
+        and the optimizer (:func:`~unlearn_jax.methods.transforms.identity` when none).
+      name: the method's name.
+      hparams: hyper-parameters to record.
+    """
 
     phases: tuple[Phase, ...]
     optimizer: optax.GradientTransformation
-    transforms: tuple[GradientTransform, ...]
+    transform: GradientTransform
     name: str
     hparams: dict
 
@@ -93,17 +107,17 @@ class GradientMethodState(NamedTuple):
       opt_state: the unlearning optimizer's state.
       ref_params: the parameters before unlearning (frozen), or ``None`` when no term reads them.
       term_states: per phase, ``{term label: state}`` of the terms with an ``init``.
-      transform_states: per transform, its state (e.g. a :class:`SaliencyState`).
+      transform_state: the transform's state (e.g. a :class:`SaliencyState`).
       step: int32 scalar, number of updates done.
-      phase_table: ``[total_steps]`` int32 phase index of every step (phased methods), else ``None``.
+      plan: the run's :class:`~unlearn_jax.methods.protocol.RunPlan` (schedules and phases read it).
     """
 
     opt_state: Any
     ref_params: Params
     term_states: tuple
-    transform_states: tuple
+    transform_state: Any
     step: jax.Array
-    phase_table: jax.Array | None
+    plan: RunPlan
 
 
 def _as_objective(objective: Any, where: str) -> Objective:
@@ -146,78 +160,61 @@ def _normalise_phases(objective: Any, epoch_over: str | None) -> tuple[Phase, ..
     return (Phase(objective, epoch_over, None, ""),)
 
 
-def _phase_table(
-    phases: tuple[Phase, ...], forget_steps: int, retain_steps: int, info: RunInfo
-) -> np.ndarray:
-    """The phase index of every step of a run: epochs of consecutive passes, cut to the run length."""
-
-    def epoch(e: int) -> list[int]:
-        layout = []
-        for i, p in enumerate(phases):
-            if p.epochs is None or e < p.epochs:
-                layout += [i] * (forget_steps if p.over == FORGET else retain_steps)
-        return layout
-
-    table: list[int] = []
-    if info.steps is not None:
-        e = 0
-        while len(table) < info.steps:
-            table += epoch(e)
-            e += 1
-        table = table[: info.steps]
-    else:
-        full = math.floor(info.epochs)
-        for e in range(full):
-            table += epoch(e)
-        fraction = info.epochs - full
-        if fraction > 0:
-            last = epoch(full)
-            table += last[: math.ceil(fraction * len(last))]
-    return np.asarray(table, np.int32)
-
-
-def _optimizer_name(optimizer) -> str:
-    return getattr(optimizer, "__name__", type(optimizer).__name__)
+def _as_transform(transform: Any) -> GradientTransform:
+    if transform is None:
+        return identity()
+    # GradientTransform and optax's GradientTransformation are NamedTuples: test them first.
+    if isinstance(transform, GradientTransform) or (
+        callable(getattr(transform, "init", None)) and callable(getattr(transform, "update", None))
+    ):
+        return as_transform(transform)
+    if isinstance(transform, Sequence) and not isinstance(transform, str):
+        return chain(*transform) if transform else identity()
+    return as_transform(transform)
 
 
 def gradient_method(
     objective: Objective | Term | Sequence[Phase],
     optimizer: optax.GradientTransformation,
     *,
-    transforms: Sequence[GradientTransform] = (),
+    transform: Any = None,
     name: str = "gradient_method",
     epoch_over: str | None = None,
     hparams: dict | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
-    r"""Builds an iterative unlearning method from an objective, an optax optimizer and transforms.
+    r"""Builds an iterative unlearning method from an objective, an optax optimizer and a transform.
 
     Args:
       objective: a single objective (minimised at every step), or a sequence of :class:`Phase`\ s
         run in turn within every epoch (SalUn, SCRUB).
       optimizer: any optax ``GradientTransformation``; its state is created at ``init`` from the
         parameters being unlearned.
-      transforms: :class:`~unlearn_jax.methods.transforms.GradientTransform`\ s, applied in order
-        (e.g. ``(sharpness_aware(0.01), saliency_mask(0.5))``).
+      transform: a :class:`~unlearn_jax.methods.transforms.GradientTransform`, an optax
+        transformation, or a sequence of them (chained in order, :func:`chain`); e.g.
+        ``chain(sharpness_aware(0.01), saliency_mask(0.5), optax.clip_by_global_norm(1.0))``.
       name: the method's name in records.
       epoch_over: for a single objective, the side one epoch walks over; default ``"forget"`` if the
         objective has forget terms, else ``"retain"``.
       hparams: extra hyper-parameters to record.
+      steps, epochs: optionally fix the run length here (then ``unlearn`` takes neither; needed
+        inside :func:`~unlearn_jax.methods.sequence`).
 
     Returns:
-      An :class:`~unlearn_jax.methods.base.Unlearner` to run with
-      :func:`~unlearn_jax.methods.base.unlearn`. It needs retain data iff some term acts on the retain
-      side, and forget batches iff some term acts on the forget side. Per-step metrics: ``loss``,
-      each term's unweighted value under its label (``forget/npo``, ``retain/loss``; NaN on steps of
-      a phase that does not have the term), ``grad_norm`` (of the final, transformed gradient) and,
-      for phased methods, ``phase``.
+      An :class:`~unlearn_jax.methods.protocol.Unlearner`. It reads forget batches iff some term acts
+      on the forget side and retain batches iff some term acts on the retain side. Per-step metrics:
+      ``loss``, each term's unweighted value under its label (``forget/npo``, ``retain/loss``; NaN on
+      steps of a phase that does not have the term), ``grad_norm`` (of the final, transformed
+      gradient) and, for phased methods, ``phase``.
 
     Guarantees:
       Approximate unlearning: no method built here equals retraining or carries a certificate.
       Masked-out weights (saliency mask) stay bit-identical.
 
     Raises:
-      TypeError: a non-optax optimizer, a transform that is not a ``GradientTransform``, an objective
-        that is not made of terms.
+      TypeError: a non-optax optimizer, a transform that is neither a ``GradientTransform`` nor an
+        optax transformation, an objective that is not made of terms.
       ValueError: an empty objective, invalid phases.
     """
     if not (
@@ -227,25 +224,23 @@ def gradient_method(
             f"optimizer must be an optax GradientTransformation (e.g. optax.sgd(0.01)), got "
             f"{type(optimizer).__name__}."
         )
-    transforms = tuple(transforms)
-    for t in transforms:
-        if not isinstance(t, GradientTransform):
-            raise TypeError(
-                f"transforms must be GradientTransforms (sharpness_aware(...), saliency_mask(...)), "
-                f"got {type(t).__name__}."
-            )
     phases = _normalise_phases(objective, epoch_over)
-    parts = GradientParts(phases, optimizer, transforms, name, dict(hparams or {}))
-    return _build(parts, None, None)
+    recipe = GradientRecipe(phases, optimizer, _as_transform(transform), name, dict(hparams or {}))
+    method = build(recipe)
+    if steps is not None or epochs is not None:
+        method = with_run(method, steps=steps, epochs=epochs)
+    return method
 
 
-def _describe(parts: GradientParts) -> dict:
-    record = dict(parts.hparams)
+def _describe(recipe: GradientRecipe) -> dict:
+    record = dict(recipe.hparams)
     record["phases"] = [
         {"over": p.over, "epochs": p.epochs, "name": p.name, "terms": p.objective.describe()}
-        for p in parts.phases
+        for p in recipe.phases
     ]
-    record["transforms"] = [{"name": t.name, **t.hparams} for t in parts.transforms]
+    t = recipe.transform
+    if t.name != "identity":
+        record["transform"] = {"name": t.name, **dict(t.hparams)}
     return record
 
 
@@ -253,54 +248,37 @@ def _nan_like(struct) -> jax.Array:
     return jnp.full(struct.shape, jnp.nan, struct.dtype)
 
 
-def _build(
-    parts: GradientParts, total_steps: int | None, phase_table: np.ndarray | None
-) -> Unlearner:
-    phases, optimizer, transforms = parts.phases, parts.optimizer, parts.transforms
+def build(recipe: GradientRecipe) -> Unlearner:
+    """The :class:`~unlearn_jax.methods.protocol.Unlearner` of a :class:`GradientRecipe`."""
+    phases, optimizer, transform = recipe.phases, recipe.optimizer, recipe.transform
     sides = frozenset().union(*(p.objective.sides for p in phases))
     uses_reference = any(p.objective.uses_reference for p in phases)
     phased = len(phases) > 1
-    combined = sum((p.objective for p in phases), start=0)
+    phase_sides = tuple((p.over, p.epochs) for p in phases)
 
-    def init(train_state, task, forget, retain, key):
-        if phased and phase_table is None:
-            raise ValueError(
-                f"{parts.name} alternates phases, whose lengths depend on the data and batch sizes: "
-                "run it through unlearn(), or plan it first with `method.plan(RunInfo(...))`."
-            )
-        _validate.finite(train_state.params, "train_state.params")
+    def init(task, params, key, stats, plan):
         term_key, transform_key = jax.random.split(key)
         term_states = tuple(
-            p.objective.init(train_state, task, forget, retain, k)
+            p.objective.init(task, params, k)
             for p, k in zip(phases, jax.random.split(term_key, len(phases)), strict=True)
         )
-        transform_states = tuple(
-            t.init(train_state, task, combined, forget, retain, k)
-            for t, k in zip(
-                transforms, jax.random.split(transform_key, max(len(transforms), 1)), strict=False
-            )
-        )
-        params = train_state.params
+        transform_stats = {name: stats[name] for name in transform.statistics}
         return GradientMethodState(
             opt_state=optimizer.init(params),
             ref_params=params if uses_reference else None,
             term_states=term_states,
-            transform_states=transform_states,
+            transform_state=transform.init(params, transform_key, transform_stats),
             step=jnp.zeros((), jnp.int32),
-            phase_table=None if phase_table is None else jnp.asarray(phase_table, jnp.int32),
+            plan=plan,
         )
 
-    def update(train_state, method_state, task, forget_batch, retain_batch, key):
-        params = train_state.params
+    def update(task, params, method_state, forget_batch, retain_batch, key):
         vg = value_and_grad
-        for t, s in zip(transforms, method_state.transform_states, strict=True):
-            vg = t.wrap(vg, s)
-        step = method_state.step
-        progress = (
-            jnp.zeros((), jnp.float32)
-            if total_steps is None
-            else step.astype(jnp.float32) / float(total_steps)
-        )
+        t_state = method_state.transform_state
+        if transform.wrap is not None:
+            vg = transform.wrap(vg, t_state)
+        step, plan = method_state.step, method_state.plan
+        progress = step.astype(jnp.float32) / jnp.maximum(plan.total_steps, 1).astype(jnp.float32)
         ctx = Context(
             method_state.ref_params, forget_batch, retain_batch, key, task, step, progress
         )
@@ -328,49 +306,37 @@ def _build(
 
                 return run
 
-            table = method_state.phase_table
-            index = table[jnp.minimum(step, table.shape[0] - 1)]
+            index = phase_index(phase_sides, step, plan)
             loss, metrics, g = jax.lax.switch(
                 index, [filled(i) for i in range(len(phases))], params
             )
             extra["phase"] = index
 
+        if transform.update is not None:
+            g, t_state = transform.update(g, t_state, params)
         updates, opt_state = optimizer.update(g, method_state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        for t, s in zip(transforms, method_state.transform_states, strict=True):
-            if t.update_mask is not None:
-                # where(), not a multiplied update: masked weights keep their exact bits, whatever
-                # weight decay or momentum the optimizer adds.
-                new_params = jax.tree_util.tree_map(jnp.where, t.update_mask(s), new_params, params)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(g), **extra}
-        new_state = method_state._replace(opt_state=opt_state, step=step + 1)
-        return train_state.replace(params=new_params), new_state, metrics
-
-    def plan(info: RunInfo):
-        forget_steps = steps_per_pass(info.forget_size, info.batch_size)
-        retain_steps = steps_per_pass(info.retain_size, info.batch_size)
-        if phased:
-            table = _phase_table(phases, forget_steps, retain_steps, info)
-            steps = int(table.size)
-        else:
-            table = None
-            per_epoch = forget_steps if phases[0].over == FORGET else retain_steps
-            steps = (
-                info.steps if info.steps is not None else max(1, math.ceil(info.epochs * per_epoch))
+        if transform.update_mask is not None:
+            # where(), not a multiplied update: masked weights keep their exact bits, whatever
+            # weight decay or momentum the optimizer adds.
+            new_params = jax.tree_util.tree_map(
+                jnp.where, transform.update_mask(t_state), new_params, params
             )
-        return _build(parts, steps, table), steps
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(g), **extra}
+        new_state = method_state._replace(
+            opt_state=opt_state, transform_state=t_state, step=step + 1
+        )
+        return new_params, new_state, metrics
 
+    batches = tuple(side for side in (FORGET, RETAIN) if side in sides)
     return Unlearner(
         init=init,
         update=update,
-        name=parts.name,
-        needs_retain=RETAIN in sides,
-        needs_forget_batches=FORGET in sides,
-        one_shot=False,
-        epoch_over=phases[0].over,
-        hparams=_describe(parts),
-        plan=plan,
-        parts=parts,
+        name=recipe.name,
+        feeds=Feeds(batches=batches, phases=phase_sides, statistics=dict(transform.statistics)),
+        guarantee="approximate",
+        hparams=_describe(recipe),
+        recipe=recipe,
     )
 
 
@@ -400,7 +366,13 @@ def _optimizer(optimizer, default_factory, record: dict) -> optax.GradientTransf
     return optimizer
 
 
-def finetune(*, learning_rate: float = 0.01, optimizer=None) -> Unlearner:
+def finetune(
+    *,
+    learning_rate: float = 0.01,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
+) -> Unlearner:
     r"""Fine-tuning (FT): minimise the task loss on the retain set, :math:`\min_\theta \ell(D_r;\theta)`.
 
     Defaults: PyTorch-style SGD, learning rate 0.01, momentum 0.9, weight decay 5e-4 (the SalUn/l1-sparse
@@ -416,10 +388,17 @@ def finetune(*, learning_rate: float = 0.01, optimizer=None) -> Unlearner:
     """
     record = {"learning_rate": learning_rate, "optimizer": "sgd(momentum=0.9, weight_decay=5e-4)"}
     opt = _optimizer(optimizer, lambda: sgd(learning_rate), record)
-    return gradient_method(O.retain_loss(), opt, name="finetune", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(O.retain_loss(), opt, name="finetune", hparams=record, **run)
 
 
-def gradient_ascent(*, learning_rate: float = 1e-4, optimizer=None) -> Unlearner:
+def gradient_ascent(
+    *,
+    learning_rate: float = 1e-4,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
+) -> Unlearner:
     r"""Gradient ascent (GA): maximise the task loss on the forget set, :math:`\min_\theta -\ell(D_f;\theta)`.
 
     Defaults: SGD learning rate 1e-4, momentum 0.9, weight decay 5e-4, a few epochs over the forget set
@@ -435,10 +414,18 @@ def gradient_ascent(*, learning_rate: float = 1e-4, optimizer=None) -> Unlearner
     """
     record = {"learning_rate": learning_rate, "optimizer": "sgd(momentum=0.9, weight_decay=5e-4)"}
     opt = _optimizer(optimizer, lambda: sgd(learning_rate), record)
-    return gradient_method(-O.forget_loss(), opt, name="gradient_ascent", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(-O.forget_loss(), opt, name="gradient_ascent", hparams=record, **run)
 
 
-def grad_diff(*, gamma: float = 1.0, learning_rate: float = 1e-5, optimizer=None) -> Unlearner:
+def grad_diff(
+    *,
+    gamma: float = 1.0,
+    learning_rate: float = 1e-5,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
+) -> Unlearner:
     r"""GradDiff: ascent on the forget set and descent on the retain set,
     :math:`\min_\theta -\ell(D_f;\theta) + \gamma\,\ell(D_r;\theta)`.
 
@@ -459,8 +446,9 @@ def grad_diff(*, gamma: float = 1.0, learning_rate: float = 1e-5, optimizer=None
         "optimizer": "adamw(weight_decay=0.01)",
     }
     opt = _optimizer(optimizer, lambda: optax.adamw(learning_rate, weight_decay=0.01), record)
+    run = {"steps": steps, "epochs": epochs}
     return gradient_method(
-        -O.forget_loss() + gamma * O.retain_loss(), opt, name="grad_diff", hparams=record
+        -O.forget_loss() + gamma * O.retain_loss(), opt, name="grad_diff", hparams=record, **run
     )
 
 
@@ -471,7 +459,13 @@ def _relabel_phases() -> tuple[Phase, ...]:
     )
 
 
-def random_label(*, learning_rate: float = 0.01, optimizer=None) -> Unlearner:
+def random_label(
+    *,
+    learning_rate: float = 0.01,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
+) -> Unlearner:
     r"""Random labels (RL): fine-tune on the forget set with random wrong labels, then on the retain set.
 
     Every epoch makes a pass over the forget set minimising the cross-entropy against one fixed random
@@ -489,11 +483,18 @@ def random_label(*, learning_rate: float = 0.01, optimizer=None) -> Unlearner:
     """
     record = {"learning_rate": learning_rate, "optimizer": "sgd(momentum=0.9, weight_decay=5e-4)"}
     opt = _optimizer(optimizer, lambda: sgd(learning_rate), record)
-    return gradient_method(_relabel_phases(), opt, name="random_label", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(_relabel_phases(), opt, name="random_label", hparams=record, **run)
 
 
 def npo(
-    beta: float = 0.1, *, retain_weight: float = 1.0, learning_rate: float = 1e-5, optimizer=None
+    beta: float = 0.1,
+    *,
+    retain_weight: float = 1.0,
+    learning_rate: float = 1e-5,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
     r"""Negative preference optimisation, with a retain term (NPO+RT) unless ``retain_weight=0``:
     :math:`\min_\theta L_{\text{NPO},\beta}(\theta; D_f) + w\,\ell(D_r;\theta)`
@@ -515,7 +516,8 @@ def npo(
     if retain_weight > 0:
         objective = objective + retain_weight * O.retain_loss()
     opt = _optimizer(optimizer, lambda: optax.adamw(learning_rate, weight_decay=0.01), record)
-    return gradient_method(objective, opt, name="npo", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(objective, opt, name="npo", hparams=record, **run)
 
 
 def simnpo(
@@ -525,6 +527,8 @@ def simnpo(
     retain_weight: float = 0.125,
     learning_rate: float = 1e-5,
     optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
     r"""SimNPO, reference-free NPO with length normalisation, plus a retain term:
     :math:`\min_\theta L_{\text{SimNPO},\beta,\gamma}(\theta; D_f) + w\,\ell(D_r;\theta)`
@@ -546,10 +550,18 @@ def simnpo(
     if retain_weight > 0:
         objective = objective + retain_weight * O.retain_loss()
     opt = _optimizer(optimizer, lambda: optax.adamw(learning_rate, weight_decay=0.01), record)
-    return gradient_method(objective, opt, name="simnpo", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(objective, opt, name="simnpo", hparams=record, **run)
 
 
-def l1_sparse(*, gamma: float = 5e-4, learning_rate: float = 0.01, optimizer=None) -> Unlearner:
+def l1_sparse(
+    *,
+    gamma: float = 5e-4,
+    learning_rate: float = 0.01,
+    optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
+) -> Unlearner:
     r"""l1-sparse unlearning: fine-tune on the retain set with a decaying l1 penalty,
     :math:`\min_\theta \ell(D_r;\theta) + \gamma_t\lVert\theta\rVert_1`, :math:`\gamma_t = \gamma\,(1 - t/T)`.
 
@@ -568,7 +580,8 @@ def l1_sparse(*, gamma: float = 5e-4, learning_rate: float = 0.01, optimizer=Non
               "optimizer": "sgd(momentum=0.9, weight_decay=5e-4)"}  # fmt: skip
     opt = _optimizer(optimizer, lambda: sgd(learning_rate), record)
     objective = O.retain_loss() + gamma * O.l1_norm(decay="linear")
-    return gradient_method(objective, opt, name="l1_sparse", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(objective, opt, name="l1_sparse", hparams=record, **run)
 
 
 def salun(
@@ -578,6 +591,8 @@ def salun(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
     r"""SalUn: random-label unlearning restricted to the most salient weights.
 
@@ -607,8 +622,14 @@ def salun(
     if optimizer is not None:
         record.pop("momentum")
         record.pop("weight_decay")
+    run = {"steps": steps, "epochs": epochs}
     return gradient_method(
-        _relabel_phases(), opt, transforms=(saliency_mask(fraction),), name="salun", hparams=record
+        _relabel_phases(),
+        opt,
+        transform=saliency_mask(fraction),
+        name="salun",
+        hparams=record,
+        **run,
     )
 
 
@@ -620,6 +641,8 @@ def scrub(
     max_epochs: int = 2,
     learning_rate: float = 5e-4,
     optimizer=None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
     r"""SCRUB: a student (the model) moves away from its teacher (the original) on the forget set and
     stays close to it on the retain set.
@@ -650,7 +673,8 @@ def scrub(
         Phase(-O.forget_kl(temperature), FORGET, max_epochs, "max"),
         Phase(gamma * O.retain_loss() + alpha * O.retain_kl(temperature), RETAIN, None, "min"),
     )
-    return gradient_method(phases, opt, name="scrub", hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(phases, opt, name="scrub", hparams=record, **run)
 
 
 def bad_teacher(
@@ -659,6 +683,8 @@ def bad_teacher(
     learning_rate: float = 1e-4,
     optimizer=None,
     teacher_init=None,
+    steps: int | None = None,
+    epochs: float | None = None,
 ) -> Unlearner:
     r"""Bad Teacher: distil a randomly initialised ("incompetent") teacher on the forget set and the
     original ("competent") teacher on the retain set:
@@ -690,7 +716,10 @@ def bad_teacher(
     objective = O.forget_kl(temperature, teacher="random", teacher_init=teacher_init) + O.retain_kl(
         temperature
     )
-    return gradient_method(objective, opt, name="bad_teacher", epoch_over=RETAIN, hparams=record)
+    run = {"steps": steps, "epochs": epochs}
+    return gradient_method(
+        objective, opt, name="bad_teacher", epoch_over=RETAIN, hparams=record, **run
+    )
 
 
 def sam(method: Unlearner, rho: float = 0.01) -> Unlearner:
@@ -698,14 +727,18 @@ def sam(method: Unlearner, rho: float = 0.01) -> Unlearner:
     :math:`\theta + \rho\, g_f/\lVert g_f\rVert` and the rest at :math:`\theta`
     (:func:`~unlearn_jax.methods.transforms.sharpness_aware`), everything else unchanged.
 
+    SAM needs the forget and retain parts of the objective, which an opaque ``update`` does not
+    expose; every gradient method carries its public :class:`GradientRecipe` (``method.recipe``),
+    and ``sam`` rebuilds the method from it with SAM chained before its transform.
+
     Args:
-      method: an :class:`~unlearn_jax.methods.base.Unlearner` built by :func:`gradient_method` or a
-        named recipe here (e.g. ``sam(npo(beta=0.1), rho=0.01)``).
+      method: an :class:`~unlearn_jax.methods.protocol.Unlearner` built by :func:`gradient_method`
+        or a recipe here (e.g. ``sam(npo(beta=0.1), rho=0.01)``).
       rho: perturbation radius >= 0 (0.01 on MUSE, 0.1 on WMDP in the paper).
 
     Returns:
       The same method named ``"sam+<name>"``, with SAM applied before any other transform (a saliency
-      mask then masks the SAM gradient).
+      mask then masks the SAM gradient); a run length fixed on ``method`` is kept.
 
     Guarantees:
       Approximate, as the wrapped method.
@@ -715,31 +748,35 @@ def sam(method: Unlearner, rho: float = 0.01) -> Unlearner:
       Minimization Perspective and Beyond. ICML 2025 (arXiv:2502.05374).
 
     Raises:
-      TypeError: ``method`` was not built from parts (e.g. a one-shot method).
+      TypeError: ``method`` has no gradient recipe (e.g. a one-shot method).
       ValueError: a negative ``rho``.
     """
     if not isinstance(method, Unlearner):
         raise TypeError(f"sam() wraps an Unlearner, got {type(method).__name__}.")
-    parts = method.parts
-    if not isinstance(parts, GradientParts):
+    recipe = method.recipe
+    if not isinstance(recipe, GradientRecipe):
         raise TypeError(
-            f"sam() needs a gradient method built from parts (gradient_method or a recipe such as "
-            f"npo()); {method.name!r} was not built that way, so its gradient cannot be re-taken."
+            f"sam() needs a gradient method (gradient_method or a recipe such as npo()); "
+            f"{method.name!r} has no gradient recipe, so its gradient cannot be re-taken."
         )
     transform = sharpness_aware(rho)
-    parts = parts._replace(
-        transforms=(transform, *parts.transforms),
-        name=f"sam+{parts.name}",
-        hparams={**parts.hparams, "sam_rho": rho},
+    if recipe.transform.name != "identity":
+        transform = chain(transform, recipe.transform)
+    recipe = recipe._replace(
+        transform=transform,
+        name=f"sam+{recipe.name}",
+        hparams={**recipe.hparams, "sam_rho": rho},
     )
-    return _build(parts, None, None)
+    out = build(recipe)
+    return out._replace(feeds=out.feeds._replace(run=method.feeds.run))
 
 
 __all__ = [
     "GradientMethodState",
-    "GradientParts",
+    "GradientRecipe",
     "Phase",
     "bad_teacher",
+    "build",
     "finetune",
     "grad_diff",
     "gradient_ascent",

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import optax
 
 from unlearn_jax import _validate
-from unlearn_jax.methods._streaming import mean_loss_grad
-from unlearn_jax.methods.base import Unlearner
+from unlearn_jax.core import reductions
+from unlearn_jax.methods.protocol import FORGET, RETAIN, Feeds, Statistic, Unlearner
 
 Params = Any
 
@@ -81,9 +81,13 @@ def gradient_restriction(task, alpha: float = 0.005):
 
 
 class IAUState(NamedTuple):
-    """The full-batch gradient ``g`` of ``mean_r l - mean_f l`` at the original parameters."""
+    """The full-batch gradient ``g`` of ``mean_r l - w_f mean_f l`` at the original parameters."""
 
     grad: Params
+
+
+def _mean_gradient(task):
+    return reductions.mean_gradient(task.loss)
 
 
 def iau(
@@ -93,13 +97,14 @@ def iau(
     forget_weight: float = 1.0,
     batch_size: int = 256,
 ) -> Unlearner:
-    r"""IAU's unlearning update as a one-shot :class:`Unlearner` (module docstring).
+    r"""IAU's unlearning update as a one-shot :class:`~unlearn_jax.methods.protocol.Unlearner`.
 
     .. math:: \theta \leftarrow \theta + \mathrm{opt}\bigl(g\bigr), \qquad
               g = \nabla\bigl[\bar\ell_{D_r}(\theta) - w_f\, \bar\ell_{D_f}(\theta)\bigr],
 
     one step of ``optimizer`` (default ``optax.adam(learning_rate)``, the authors' code) from a fresh
-    optimizer state, with the full-set mean gradients streamed ``batch_size`` examples at a time.
+    optimizer state, with the full-set mean gradients as streaming statistics (``batch_size``
+    examples at a time).
 
     Guarantees:
       Approximate. Best on models trained with :func:`gradient_restriction`, which keeps the
@@ -110,7 +115,7 @@ def iau(
       optimizer: any optax transformation for the single step; ``optax.sgd(lr)`` gives the paper's
         plain gradient step. Overrides ``learning_rate``.
       forget_weight: :math:`w_f`, the weight of the forget term (1 in the paper and code).
-      batch_size: examples per pass for the mean gradients.
+      batch_size: examples per batch of the mean-gradient passes.
 
     Returns:
       An :class:`Unlearner` named ``"iau"``.
@@ -120,15 +125,13 @@ def iau(
     _validate.positive_int(batch_size=batch_size)
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
 
-    def init(train_state, task, forget, retain, key):
-        del key
-        g_r = mean_loss_grad(task, train_state.params, retain, batch_size)
-        g_f = mean_loss_grad(task, train_state.params, forget, batch_size)
+    def init(task, params, key, stats, plan):
+        del task, params, key, plan
+        g_r, g_f = stats["retain_mean"].value, stats["forget_mean"].value
         return IAUState(jax.tree_util.tree_map(lambda r, f: r - forget_weight * f, g_r, g_f))
 
-    def update(train_state, method_state, task, forget_batch, retain_batch, key):
+    def update(task, params, method_state, forget_batch, retain_batch, key):
         del retain_batch, key
-        params = train_state.params
         updates, _ = tx.update(method_state.grad, tx.init(params), params)
         new_params = optax.apply_updates(params, updates)
         metrics = {
@@ -136,18 +139,27 @@ def iau(
             "iau/grad_norm": optax.tree.norm(method_state.grad),
             "iau/step_norm": optax.tree.norm(updates),
         }
-        return train_state.replace(params=new_params), method_state, metrics
+        return new_params, method_state, metrics
 
     return Unlearner(
         init=init,
         update=update,
         name="iau",
-        needs_retain=True,
-        needs_forget_batches=True,
-        one_shot=True,
+        feeds=Feeds(
+            batches=(FORGET,),
+            statistics={
+                "retain_mean": Statistic(_mean_gradient, RETAIN, batch_size),
+                "forget_mean": Statistic(_mean_gradient, FORGET, batch_size),
+            },
+            run={"steps": 1},
+        ),
+        guarantee="approximate",
         hparams={
             "learning_rate": learning_rate,
             "optimizer": "adam" if optimizer is None else "custom",
             "forget_weight": forget_weight,
         },
     )
+
+
+__all__ = ["IAUState", "gradient_restriction", "iau"]

@@ -33,7 +33,15 @@ Hessian for linear models with a convex loss), or the empirical Fisher
 positive ``l2`` makes CG and LiSSA applicable without extra damping. The linear system is solved by
 :func:`unlearn_jax.core.solvers.inverse_hvp` (``"cg"``, ``"lissa"``, ``"dense"``), whose convergence
 information is returned in the metrics (``ihvp/*``); ``throw=True`` turns a solve that missed its
-tolerance into a :class:`~unlearn_jax.core.solvers.SolverDidNotConverge`.
+tolerance (or a CG breakdown) into a :class:`~unlearn_jax.core.solvers.SolverDidNotConverge`.
+
+Data. The forget gradient :math:`\sum_{D_f} \nabla\ell_i` is a streaming reduction over the whole
+forget set (exact, any size). The curvature is taken on one padded batch of at most
+``curvature_examples`` examples of each Hessian side: the whole retain set when it is that small
+(then the step is exactly the one above), otherwise a uniformly random sample of it, rescaled to the
+full set (:math:`\frac{n_r}{|S|}\sum_{i \in S}`, an unbiased estimate of the retain Hessian, as
+LiSSA's sampled Hessians are). Every size and the damping enter as traced values, so every request on
+the same model shares one compiled solve.
 
 References:
   Koh, Liang. "Understanding Black-box Predictions via Influence Functions", ICML 2017.
@@ -43,26 +51,32 @@ References:
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from unlearn_jax import _validate
+from unlearn_jax.core import reductions
+from unlearn_jax.core.batch import row_mask
 from unlearn_jax.core.curvature import ggn_vp, hvp
-from unlearn_jax.core.grads import check_loss_fn, mean_grad, sum_over_chunks
-from unlearn_jax.core.solvers import InverseHVPResult, SolverDidNotConverge, inverse_hvp
+from unlearn_jax.core.grads import check_loss_fn, sum_over_chunks
+from unlearn_jax.core.solvers import (
+    InverseHVPResult,
+    SolverDidNotConverge,
+    inverse_hvp,
+    top_eigenvalue,
+)
 from unlearn_jax.core.task import Task
-from unlearn_jax.methods.base import Unlearner
+from unlearn_jax.methods.protocol import FORGET, RETAIN, Checks, Feeds, Statistic, Unlearner
 
 Params = Any
 CURVATURES = ("hessian", "ggn", "fisher")
 HESSIAN_DATA = ("retain", "all")
 SOLVERS = ("cg", "lissa", "dense")
+CURVATURE_EXAMPLES = 4096
 
 
 def l2_regularizer(l2: float):
@@ -80,100 +94,114 @@ def l2_regularizer(l2: float):
     return regularizer
 
 
-def empirical_fisher_vp(loss_fn, params: Params, batch, v: Params, *, chunk_size=None) -> Params:
-    r"""Empirical Fisher-vector product :math:`F v = \frac1B \sum_i g_i (g_i^\top v)`.
+def _dot(a: Params, b: Params) -> jax.Array:
+    """``[B]`` per-example inner products of a batched pytree ``a`` with an unbatched ``b``."""
+    return sum(
+        jnp.sum(g.reshape(g.shape[0], -1) * v.reshape(1, -1), axis=1)
+        for g, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def empirical_fisher_vp(
+    loss_fn, params: Params, batch, v: Params, *, weights=None, chunk_size=None
+) -> Params:
+    r"""Empirical Fisher-vector product :math:`F v = \frac1B \sum_i c_i\, g_i (g_i^\top v)`.
 
     Per-example gradients :math:`g_i` are formed ``chunk_size`` at a time and reduced at once, so
-    only ``chunk_size`` of them exist in memory; ``F`` (``[P, P]``) is never formed.
+    only ``chunk_size`` of them exist in memory; ``F`` (``[P, P]``) is never formed. ``weights``
+    (``[B]``, default ones) are the :math:`c_i`.
     """
     size = check_loss_fn(loss_fn, params, batch)
     _validate.same_structure(params, v, "params", "v")
     grad_fn = jax.grad(loss_fn)
+    c = (
+        jnp.ones((size,), jax.tree_util.tree_leaves(params)[0].dtype)
+        if weights is None
+        else weights
+    )
 
-    def chunk_total(sub_batch):
+    def chunk_total(pair):
+        sub_batch, sub_c = pair
         grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, sub_batch)
-        coef = sum(
-            jnp.sum(g.reshape(g.shape[0], -1) * vl.reshape(1, -1), axis=1)
-            for g, vl in zip(
-                jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(v), strict=True
-            )
-        )  # [b] = g_i . v
+        coef = sub_c * _dot(grads, v)  # [b] = c_i g_i . v
         return jax.tree_util.tree_map(lambda g: jnp.tensordot(coef, g, axes=1), grads)
 
-    total = sum_over_chunks(chunk_total, batch, chunk_size)
+    total = sum_over_chunks(chunk_total, (batch, c), chunk_size)
     return jax.tree_util.tree_map(lambda t: t / size, total)
 
 
-def _weighted_loss(task: Task):
-    """``w * l(z)`` for an example carrying a 0/1 weight ``"w"``."""
+def curvature_vp(curvature: str, task: Task, params, batch, weights, v, *, chunk_size=None):
+    r""":math:`\sum_i c_i C_i v` over a batch, ``weights`` the :math:`c_i` (``[B]``).
 
-    def loss(params, example):
-        return example["w"] * task.loss(params, example)
-
-    return loss
-
-
-def _curvature_vp(curvature: str, task: Task, params, batch, v, chunk_size):
-    """``(1/B) sum_i w_i C_i v`` over a batch whose examples carry 0/1 weights ``"w"``.
-
-    ``C_i`` is example ``i``'s curvature: its Hessian, its GGN ``J^T H_out J``, or ``g_i g_i^T``
-    (the weights enter squared there, hence 0/1 weights).
+    ``C_i`` is example ``i``'s curvature: its Hessian (``"hessian"``), its GGN
+    :math:`J_i^\top H_{\text{out},i} J_i` (``"ggn"``) or :math:`g_i g_i^\top` (``"fisher"``). A SUM,
+    not a mean: padding rows have :math:`c_i = 0`.
     """
+    size = _validate.batch_size(batch)
+    xy = {k: val for k, val in batch.items() if k not in ("mask", "id")}
     if curvature == "hessian":
-        return hvp(_weighted_loss(task), params, batch, v, chunk_size=chunk_size)
-    if curvature == "ggn":
+        weighted = {**xy, "w": weights}
+        loss = lambda p, ex: ex["w"] * task.loss(p, {k: a for k, a in ex.items() if k != "w"})
+        out = hvp(loss, params, weighted, v, chunk_size=chunk_size)
+    elif curvature == "ggn":
+        weighted = {**xy, "w": weights}
 
         def output_loss(outputs, example):
-            return example["w"] * task.output_losses(outputs[None], example["y"][None])[0]
+            w = example.get("weights")
+            token_w = None if w is None else w[None]
+            return example["w"] * task.output_losses(outputs[None], example["y"][None], token_w)[0]
 
-        return ggn_vp(task.outputs, params, batch, v, loss=output_loss, chunk_size=chunk_size)
-    return empirical_fisher_vp(_weighted_loss(task), params, batch, v, chunk_size=chunk_size)
-
-
-class _WeightedSystem(NamedTuple):
-    matvec: Any  # v -> (1/n) sum_i c_i C_i v (data part)
-    b: Params
-    damping: jax.Array  # delta + mu * sum(c) / n
-
-
-def _weighted_system(
-    task, params, batch, forget_w, curvature_w, damping, l2, *, curvature, chunk_size
-) -> _WeightedSystem:
-    """The removal system over ONE batch of all ``n`` training examples with 0/1 masks.
-
-    ``forget_w`` marks D_f, ``curvature_w`` the Hessian data S. Every size enters through the masks
-    (traced values), so one compiled program serves every forget/retain split of the same data.
-    """
-    n = _validate.batch_size(batch, "batch")
-    xy = {"x": batch["x"], "y": batch["y"]}
-    forget_grad = mean_grad(_weighted_loss(task), params, {**xy, "w": forget_w})  # (1/n) sum_f g_i
-    frac_forget = jnp.sum(forget_w) / n
-    b = jax.tree_util.tree_map(lambda g, p: g + (frac_forget * l2) * p, forget_grad, params)
-    curvature_batch = {**xy, "w": curvature_w}
-
-    def matvec(v):
-        return _curvature_vp(curvature, task, params, curvature_batch, v, chunk_size)
-
-    return _WeightedSystem(matvec, b, damping + l2 * jnp.sum(curvature_w) / n)
-
-
-def _combine(forget_batch, retain_batch, hessian_data: str):
-    """One batch of D_f then D_r (``x``, ``y`` only) and the forget and curvature masks."""
-    n_f = _validate.batch_size(forget_batch, "forget_batch")
-    n_r = _validate.batch_size(retain_batch, "retain_batch")
-    batch = {k: jnp.concatenate([forget_batch[k], retain_batch[k]]) for k in ("x", "y")}
-    forget_w = jnp.concatenate([jnp.ones(n_f), jnp.zeros(n_r)])
-    curvature_w = forget_w * 0 + 1 if hessian_data == "all" else 1 - forget_w
-    return batch, forget_w, curvature_w
+        outputs_fn = lambda p, ex: task.outputs(p, {k: a for k, a in ex.items() if k != "w"})
+        out = ggn_vp(outputs_fn, params, weighted, v, loss=output_loss, chunk_size=chunk_size)
+    else:
+        out = empirical_fisher_vp(task.loss, params, xy, v, weights=weights, chunk_size=chunk_size)
+    # hvp / ggn_vp / empirical_fisher_vp return means over the batch: undo the 1/B.
+    return jax.tree_util.tree_map(lambda t: t * size, out)
 
 
 class InfluenceSetup(NamedTuple):
-    """The linear system of one removal: ``(A + damping I) x = b``, ``theta' = theta + x``."""
+    r"""The linear system of one removal: ``(A + damping I) x = b``, ``theta' = theta + x``.
+
+    Attributes:
+      matvec: ``v -> A v`` (the data part, :math:`\frac1n \sum_{i \in S} c_i C_i v`).
+      b: :math:`\frac1n \sum_{D_f} \nabla(\ell_i + \frac\mu2\lVert\theta\rVert^2)`.
+      damping: :math:`\delta + \mu |S| / n` (an array).
+      num_train: :math:`n`.
+    """
 
     matvec: Any
     b: Params
-    damping: float
-    num_train: int
+    damping: jax.Array
+    num_train: jax.Array
+
+
+def _setup(task, params, forget_grad_sum, n_f, n_r, curvature_parts, damping, l2, *, curvature,
+           chunk_size) -> InfluenceSetup:  # fmt: skip
+    """The removal system from the forget gradient sum and the curvature batches.
+
+    ``curvature_parts`` is ``[(batch, set_size), ...]``: each batch's real rows stand for the
+    ``set_size`` examples of its side (weights ``set_size / rows``).
+    """
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    n_f, n_r = jnp.asarray(n_f, dtype), jnp.asarray(n_r, dtype)
+    n = n_f + n_r
+    b = jax.tree_util.tree_map(lambda g, p: g / n + (n_f / n) * l2 * p, forget_grad_sum, params)
+    weighted = []
+    n_s = jnp.zeros((), dtype)
+    for batch, set_size in curvature_parts:
+        mask = row_mask(batch, dtype)
+        rows = jnp.sum(mask)
+        weighted.append((batch, mask * (set_size / jnp.where(rows > 0, rows, 1.0))))
+        n_s = n_s + set_size
+
+    def matvec(v):
+        total = None
+        for batch, c in weighted:
+            part = curvature_vp(curvature, task, params, batch, c, v, chunk_size=chunk_size)
+            total = part if total is None else optax.tree.add(total, part)
+        return optax.tree.scale(1.0 / n, total)
+
+    return InfluenceSetup(matvec, b, damping + l2 * n_s / n, n)
 
 
 def removal_system(
@@ -188,97 +216,49 @@ def removal_system(
     l2: float = 0.0,
     chunk_size: int | None = None,
 ) -> InfluenceSetup:
-    r"""Builds the system of :func:`influence_removal` (module docstring for the math).
+    r"""The system of :func:`influence_removal` for a forget and a retain batch taken whole.
 
     ``matvec(v) = (1/n) sum_{i in S} curvature_i v`` (the data part only) and ``damping`` is
     :math:`\delta + \mu |S| / n`; ``b = (1/n) sum_{i in D_f} grad(l_i + mu/2 ||theta||^2)``.
-    Jit-able.
+    Batches may carry a ``"mask"``. Jit-able.
     """
     _validate.one_of("curvature", curvature, CURVATURES)
     _validate.one_of("hessian_data", hessian_data, HESSIAN_DATA)
-    n_f = _validate.batch_size(forget_batch, "forget_batch")
-    n_r = _validate.batch_size(retain_batch, "retain_batch")
-    n, n_s = n_f + n_r, (n_r if hessian_data == "retain" else n_f + n_r)
-    batch, forget_w, curvature_w = _combine(forget_batch, retain_batch, hessian_data)
+    _validate.batch_size(forget_batch, "forget_batch")
+    _validate.batch_size(retain_batch, "retain_batch")
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    system = _weighted_system(
-        task, params, batch, forget_w.astype(dtype), curvature_w.astype(dtype), damping, l2,
-        curvature=curvature, chunk_size=chunk_size,
-    )  # fmt: skip
-    return InfluenceSetup(system.matvec, system.b, float(damping + l2 * n_s / n), n)
+    n_f = jnp.sum(row_mask(forget_batch, dtype))
+    n_r = jnp.sum(row_mask(retain_batch, dtype))
+
+    def total_loss(p):
+        losses = task.batch_losses(p, forget_batch)
+        return jnp.sum(row_mask(forget_batch, losses.dtype) * losses)
+
+    g_sum = jax.grad(total_loss)(params)
+    parts = [(retain_batch, n_r)] + ([(forget_batch, n_f)] if hessian_data == "all" else [])
+    return _setup(task, params, g_sum, n_f, n_r, parts, jnp.asarray(damping, dtype),
+                  jnp.asarray(l2, dtype), curvature=curvature, chunk_size=chunk_size)  # fmt: skip
 
 
-def estimate_top_eigenvalue(
-    matvec, like: Params, key: jax.Array, *, iterations: int = 30
-) -> jax.Array:
-    """Power-iteration estimate of the largest eigenvalue of a symmetric PSD operator.
+class InfluenceState(NamedTuple):
+    r"""Influence removal's method state.
 
-    Returns the Rayleigh quotient ``v^T A v`` of the unit vector after ``iterations`` products from a
-    random start (jit-able; a scalar array).
+    Attributes:
+      forget_gradient: :math:`\sum_{D_f} \nabla\ell_i` at the original parameters (a statistic).
+      plan: the run plan (its ``forget_size`` and ``retain_size`` are :math:`n_f, n_r`).
+      solution: the :class:`~unlearn_jax.core.solvers.InverseHVPResult` of the solve (zeros before
+        the update).
+      lissa_scale: the LiSSA scale used (0 for the other solvers).
     """
-    flat, unravel = jax.flatten_util.ravel_pytree(like)
-    apply = lambda v: jax.flatten_util.ravel_pytree(matvec(unravel(v)))[0]
-    v0 = jax.random.normal(key, flat.shape, flat.dtype)
 
-    def body(_, v):
-        w = apply(v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(flat.dtype).tiny)
-
-    v = jax.lax.fori_loop(0, iterations, body, v0 / jnp.linalg.norm(v0))
-    return jnp.vdot(v, apply(v))
+    forget_gradient: Params
+    plan: Any
+    solution: InverseHVPResult
+    lissa_scale: jax.Array
 
 
-# Module-level jitted pieces, configuration static and every size traced (through the masks): all
-# deletion requests on the same training set share one compiled program per configuration.
-_STATIC = ("task", "curvature", "chunk_size")
-_TINY = 1e-30  # a normal float32 number, negligible next to any curvature
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _top_eigenvalue(params, batch, forget_w, curvature_w, damping, l2, key, **static):
-    system = _weighted_system(task=static["task"], params=params, batch=batch, forget_w=forget_w,
-                              curvature_w=curvature_w, damping=damping, l2=l2,
-                              curvature=static["curvature"], chunk_size=static["chunk_size"])  # fmt: skip
-    damped = lambda v: optax.tree.add_scale(system.matvec(v), system.damping, v)
-    return estimate_top_eigenvalue(damped, params, key)
-
-
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "solver", "tol", "maxiter", "depth"))
-def _solve(
-    params, batch, forget_w, curvature_w, damping, l2, lissa_scale, step_scale, *, task,
-    curvature, chunk_size, solver, tol, maxiter, depth,
-):  # fmt: skip
-    system = _weighted_system(
-        task, params, batch, forget_w, curvature_w, damping, l2, curvature=curvature,
-        chunk_size=chunk_size,
-    )  # fmt: skip
-    total = lambda v: optax.tree.add_scale(system.matvec(v), system.damping, v)
-    # inverse_hvp takes the damping as a concrete number, but here it depends on the (traced) sizes.
-    # So the whole damped operator is the matvec, and the solver's own damping is a negligible
-    # TINY that the matvec subtracts again (cg and lissa insist on damping > 0).
-    tiny = _TINY
-    if solver == "dense":
-        result = inverse_hvp(total, system.b, method="dense", params_like=params)
-    elif solver == "cg":
-        shifted = lambda v: optax.tree.add_scale(total(v), -tiny, v)
-        result = inverse_hvp(
-            shifted, system.b, method="cg", damping=tiny, tol=tol, maxiter=maxiter,
-            params_like=params,
-        )  # fmt: skip
-    else:
-        # LiSSA with scale s on (A, b) is LiSSA with scale 1 on (A / s, b / s): s may be traced.
-        scaled = lambda v: optax.tree.add_scale(
-            optax.tree.scale(1.0 / lissa_scale, total(v)), -tiny, v
-        )
-        result = inverse_hvp(
-            scaled, optax.tree.scale(1.0 / lissa_scale, system.b), method="lissa", damping=tiny,
-            tol=tol, scale=1.0, depth=depth, params_like=params,
-        )  # fmt: skip
-        result = result._replace(residual_norm=result.residual_norm * lissa_scale)
-    new = jax.tree_util.tree_map(
-        lambda p, x: (p + step_scale * x).astype(p.dtype), params, result.x
-    )
-    return new, result
+def _forget_gradient(task):
+    return reductions.gradient_sum(task.loss)
 
 
 def influence_removal(
@@ -293,25 +273,28 @@ def influence_removal(
     maxiter: int | None = None,
     lissa_scale: float | str = 10.0,
     lissa_depth: int = 10_000,
+    curvature_examples: int = CURVATURE_EXAMPLES,
     chunk_size: int | None = None,
     throw: bool = False,
 ) -> Unlearner:
-    r"""Newton / influence-function removal as a one-shot :class:`Unlearner`.
+    r"""Newton / influence-function removal as a one-shot :class:`~unlearn_jax.methods.protocol.Unlearner`.
 
     .. math::
         \theta' = \theta + \frac{s}{n} \bigl(H + \delta I\bigr)^{-1}
                   \sum_{i \in D_f} \nabla\bigl(\ell_i + \tfrac{\mu}{2}\lVert\theta\rVert^2\bigr),
         \qquad H = \frac1n \sum_{i \in S} \nabla^2 \bigl(\ell_i + \tfrac{\mu}{2}\lVert\theta\rVert^2\bigr)
 
-    (module docstring for the derivation; :math:`s` = ``scale``, 1 for the textbook step).
+    (module docstring for the derivation and for how the data enter; :math:`s` = ``scale``, 1 for the
+    textbook step).
 
     Guarantees:
       Approximate. For a strongly convex objective (e.g. L2-regularised logistic regression) at its
-      optimum, ``hessian_data="retain"`` is one exact Newton step on the retain objective, whose
-      distance to the retrained optimum is second order in the step (tested: at most 10% of the
-      original model's distance, at 1%, 5% and 10% random forgetting on digits, with CG, LiSSA and
-      the dense solve). Exact for least squares (quadratic objective). For non-convex models no
-      guarantee; use ``curvature="ggn"`` or ``"fisher"`` with damping.
+      optimum, ``hessian_data="retain"`` with every retain example in the curvature batch is one
+      exact Newton step on the retain objective, whose distance to the retrained optimum is second
+      order in the step (tested: at most 10% of the original model's distance, at 1%, 5% and 10%
+      random forgetting on digits, with CG, LiSSA and the dense solve). Exact for least squares
+      (quadratic objective). For non-convex models no guarantee; use ``curvature="ggn"`` or
+      ``"fisher"`` with damping.
 
     Args:
       solver: ``"cg"``, ``"lissa"`` or ``"dense"`` (:func:`unlearn_jax.core.solvers.inverse_hvp`).
@@ -327,14 +310,15 @@ def influence_removal(
         the damped curvature. ``"auto"``: the power-iteration estimate of that eigenvalue (30
         products), which makes the recursion contract at rate ``1 - lambda_min / lambda_max``.
       lissa_depth: LiSSA's maximum recursion depth.
+      curvature_examples: the most examples of each Hessian side in the curvature batch.
       chunk_size: curvature products summed over sub-batches of this size (memory bound).
-      throw: raise :class:`~unlearn_jax.core.solvers.SolverDidNotConverge` when the solve did not reach
-        ``tol`` (otherwise it is reported in the metrics as ``ihvp/converged = False``).
+      throw: raise :class:`~unlearn_jax.core.solvers.SolverDidNotConverge` after the run when the
+        solve did not reach ``tol`` or broke down (otherwise reported in the metrics:
+        ``ihvp/converged``, ``ihvp/breakdown``).
 
     Returns:
-      An :class:`Unlearner` named ``"influence"`` (needs the retain set: its size is ``n - n_f`` and
-      it carries the Hessian). Its method state after ``update`` is the
-      :class:`~unlearn_jax.core.solvers.InverseHVPResult`.
+      An :class:`Unlearner` named ``"influence"``; its final method state holds the solver's
+      :class:`~unlearn_jax.core.solvers.InverseHVPResult` (``.solution``).
 
     References:
       Koh & Liang, ICML 2017; Guo et al., ICML 2020.
@@ -344,7 +328,8 @@ def influence_removal(
     _validate.one_of("hessian_data", hessian_data, HESSIAN_DATA)
     _validate.non_negative(damping=damping, l2=l2)
     _validate.positive(scale=scale, tol=tol)
-    _validate.positive_int(maxiter=maxiter, lissa_depth=lissa_depth, chunk_size=chunk_size)
+    _validate.positive_int(maxiter=maxiter, lissa_depth=lissa_depth, chunk_size=chunk_size,
+                           curvature_examples=curvature_examples)  # fmt: skip
     if lissa_scale != "auto":
         _validate.positive(lissa_scale=lissa_scale)
     if solver in ("cg", "lissa") and damping == 0 and l2 == 0:
@@ -353,61 +338,83 @@ def influence_removal(
             "model was trained with an L2 term, or use solver='dense'."
         )
 
-    def init(train_state, task, forget, retain, key):
-        del train_state, task, forget, retain, key
-        return None
-
-    def update(train_state, method_state, task, forget_batch, retain_batch, key):
-        del method_state
-        params = train_state.params
-        _validate.finite(params, "train_state.params")
+    def init(task, params, key, stats, plan):
+        del task, key
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        batch, forget_w, curvature_w = _combine(forget_batch, retain_batch, hessian_data)
-        forget_w, curvature_w = forget_w.astype(dtype), curvature_w.astype(dtype)
-        static = dict(task=task, curvature=curvature, chunk_size=chunk_size)
-        args = (
-            params,
-            batch,
-            forget_w,
-            curvature_w,
-            jnp.asarray(damping, dtype),
-            jnp.asarray(l2, dtype),
+        scalar = jnp.zeros((), dtype)
+        solution = InverseHVPResult(zeros, jnp.zeros((), jnp.int32), scalar, scalar,
+                                    jnp.zeros((), bool), jnp.zeros((), bool))  # fmt: skip
+        return InfluenceState(stats["forget_gradient"].value, plan, solution, scalar)
+
+    def update(task, params, method_state, forget_batch, retain_batch, key):
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        plan = method_state.plan
+        n_f, n_r = plan.forget_size.astype(dtype), plan.retain_size.astype(dtype)
+        parts = [(retain_batch, n_r)] + ([(forget_batch, n_f)] if hessian_data == "all" else [])
+        system = _setup(task, params, method_state.forget_gradient, n_f, n_r, parts,
+                        jnp.asarray(damping, dtype), jnp.asarray(l2, dtype),
+                        curvature=curvature, chunk_size=chunk_size)  # fmt: skip
+        if solver == "lissa":
+            if lissa_scale == "auto":
+                damped = lambda v: optax.tree.add_scale(system.matvec(v), system.damping, v)
+                s = top_eigenvalue(damped, params, key)
+            else:
+                s = jnp.asarray(lissa_scale, dtype)
+            result = inverse_hvp(system.matvec, system.b, method="lissa", damping=system.damping,
+                                 tol=tol, scale=s, depth=lissa_depth)  # fmt: skip
+        else:
+            s = jnp.zeros((), dtype)
+            result = inverse_hvp(system.matvec, system.b, method=solver, damping=system.damping,
+                                 tol=tol, maxiter=maxiter)  # fmt: skip
+        new_params = jax.tree_util.tree_map(
+            lambda p, x: (p + scale * x).astype(p.dtype), params, result.x
         )
-        s = lissa_scale
-        if solver == "lissa" and lissa_scale == "auto":
-            s = float(_top_eigenvalue(*args, key, **static))
-            if not (math.isfinite(s) and s > 0):
-                raise FloatingPointError(
-                    f"lissa_scale='auto' estimated the largest eigenvalue as {s}; the curvature is "
-                    "not positive definite. Use curvature='ggn' or 'fisher', or more damping."
-                )
-        new_params, result = _solve(
-            *args, jnp.asarray(float(s) if solver == "lissa" else 1.0, dtype), jnp.asarray(scale, dtype),
-            solver=solver, tol=tol, maxiter=maxiter, depth=lissa_depth, **static,
-        )  # fmt: skip
-        if throw and not bool(result.converged):
-            raise SolverDidNotConverge(
-                f"influence removal: inverse_hvp(method={solver!r}) stopped after "
-                f"{int(result.iterations)} iterations with relative residual "
-                f"{float(result.relative_residual):.3e} > tol={tol}. Increase maxiter/lissa_depth or "
-                "damping, or (LiSSA) use lissa_scale='auto'."
-            )
         metrics = {
-            "loss": task.batch_loss(new_params, forget_batch),
             "influence/step_norm": scale * optax.tree.norm(result.x),
             **result.metrics("ihvp"),
         }
         if solver == "lissa":
-            metrics["ihvp/lissa_scale"] = jnp.asarray(float(s))
-        return train_state.replace(params=new_params), result, metrics
+            metrics["ihvp/lissa_scale"] = s
+        return new_params, method_state._replace(solution=result, lissa_scale=s), metrics
+
+    def check_result(method_state, metrics):
+        if solver == "lissa" and lissa_scale == "auto":
+            s = np.asarray(metrics["ihvp/lissa_scale"])
+            if not np.all(np.isfinite(s) & (s > 0)):
+                raise FloatingPointError(
+                    f"lissa_scale='auto' estimated the largest eigenvalue as {s.tolist()}; the "
+                    "curvature is not positive definite. Use curvature='ggn' or 'fisher', or more "
+                    "damping."
+                )
+        if not throw:
+            return
+        converged = np.asarray(metrics["ihvp/converged"])
+        broke = np.asarray(metrics["ihvp/breakdown"])
+        if np.any(broke) or not np.all(converged):
+            rel = np.asarray(metrics["ihvp/relative_residual"]).max()
+            its = np.asarray(metrics["ihvp/iterations"]).max()
+            what = "broke down (non-positive curvature)" if np.any(broke) else "stopped"
+            raise SolverDidNotConverge(
+                f"influence removal: inverse_hvp(method={solver!r}) {what} after {int(its)} "
+                f"iterations with relative residual {float(rel):.3e} > tol={tol}. Increase "
+                "maxiter/lissa_depth or damping, or (LiSSA) use lissa_scale='auto'."
+            )
 
     return Unlearner(
         init=init,
         update=update,
         name="influence",
-        needs_retain=True,
-        needs_forget_batches=True,
-        one_shot=True,
+        feeds=Feeds(
+            # The forget set enters through its gradient (a statistic); its curvature only for the
+            # all-data Hessian. Reading no forget batch otherwise keeps one compilation for every
+            # request size.
+            batches=(FORGET, RETAIN) if hessian_data == "all" else (RETAIN,),
+            statistics={"forget_gradient": Statistic(_forget_gradient, FORGET)},
+            run={"steps": 1},
+            batch_size=curvature_examples,
+        ),
+        guarantee="approximate",
         hparams={
             "solver": solver,
             "damping": damping,
@@ -419,16 +426,19 @@ def influence_removal(
             "maxiter": maxiter,
             "lissa_scale": lissa_scale,
             "lissa_depth": lissa_depth,
+            "curvature_examples": curvature_examples,
         },
+        checks=Checks(result=check_result),
     )
 
 
 __all__ = [
     "CURVATURES",
     "HESSIAN_DATA",
-    "InverseHVPResult",
+    "InfluenceSetup",
+    "InfluenceState",
+    "curvature_vp",
     "empirical_fisher_vp",
-    "estimate_top_eigenvalue",
     "influence_removal",
     "l2_regularizer",
     "removal_system",

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
+from unlearn_jax.core.batch import masked_mean, row_mask
 from unlearn_jax.core.task import CLASSIFICATION, Task
 
 Params = Any
@@ -62,7 +63,8 @@ class Context(NamedTuple):
 
     Attributes:
       ref_params: the parameters before unlearning (frozen), or ``None`` when no term needs them.
-      forget: this step's forget batch ``{"x": [B, ...], "y": [B], "id": [B]}`` or ``None``.
+      forget: this step's forget batch ``{"x": [B, ...], "y": [B], "id": [B], "mask": [B]}`` or
+        ``None`` (``mask`` is 0 on padding rows; every term averages over the real rows only).
       retain: this step's retain batch, or ``None``.
       key: a PRNG key for this step.
       task: the :class:`~unlearn_jax.Task` (outputs and per-example losses).
@@ -80,7 +82,7 @@ class Context(NamedTuple):
 
 
 TermFn = Callable[[Params, Context, Any], jax.Array]
-TermInit = Callable[[Any, Task, Any, Any, jax.Array], Any]
+TermInit = Callable[[Params, jax.Array], Any]
 
 
 def _format_hparams(hparams: Mapping[str, Any]) -> str:
@@ -96,8 +98,9 @@ class Term:
       side: ``"forget"``, ``"retain"`` or ``"params"`` (see the module docstring).
       fn: ``fn(params, ctx, state) -> scalar``: the term's (unweighted) value; ``state`` is what
         ``init`` returned (``None`` without ``init``).
-      init: optional ``init(train_state, task, forget, retain, key) -> state``, run once before the
-        first step (e.g. a random teacher's parameters, the key of fixed random labels).
+      init: optional ``init(params, key) -> state``, run once before the first step (e.g. a random
+        teacher's parameters, the key of fixed random labels). Pure: works on
+        ``jax.ShapeDtypeStruct`` params under ``jax.eval_shape``.
       schedule: optional ``schedule(progress) -> factor``: the term enters the loss as
         ``weight * factor * value`` (e.g. l1's linearly decaying weight).
       uses_reference: whether ``fn`` reads ``ctx.ref_params`` (the method then keeps a frozen copy
@@ -270,8 +273,12 @@ class Objective:
         ]
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def init(self, train_state, task: Task, forget, retain, key: jax.Array) -> dict[str, Any]:
-        """Runs the terms' ``init``; returns ``{label: state}`` for the terms that have one."""
+    def init(self, task: Task, params: Params, key: jax.Array) -> dict[str, Any]:
+        """Runs the terms' ``init``; returns ``{label: state}`` for the terms that have one.
+
+        Raises:
+          ValueError: a term that needs class probabilities on a task of another kind.
+        """
         if self.classification_only and task.kind != CLASSIFICATION:
             names = [
                 lab
@@ -285,7 +292,7 @@ class Objective:
         keys = jax.random.split(key, max(len(self.terms), 1))
         for i, (label, (_, t)) in enumerate(zip(self.labels, self.terms, strict=True)):
             if t.init is not None:
-                states[label] = t.init(train_state, task, forget, retain, keys[i])
+                states[label] = t.init(params, keys[i])
         return states
 
     def value(
@@ -314,7 +321,12 @@ def _require(batch: Batch | None, side: str, name: str) -> Batch:
 
 
 # ---- pure formulas (per-example log-likelihoods in, scalar out) -----------------------------------
-def npo_loss(log_likelihood: jax.Array, ref_log_likelihood: jax.Array, beta: float) -> jax.Array:
+def npo_loss(
+    log_likelihood: jax.Array,
+    ref_log_likelihood: jax.Array,
+    beta: float,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     r"""Negative preference optimisation on the forget examples.
 
     .. math::
@@ -331,6 +343,7 @@ def npo_loss(log_likelihood: jax.Array, ref_log_likelihood: jax.Array, beta: flo
         log-softmax of the label for a classifier; NOT logits).
       ref_log_likelihood: ``[B]`` the same under the reference model (no gradient flows into it).
       beta: inverse temperature > 0.
+      mask: optional ``[B]`` row weights (0 on padding rows): the mean is over the real rows.
 
     Returns:
       The scalar loss.
@@ -340,11 +353,15 @@ def npo_loss(log_likelihood: jax.Array, ref_log_likelihood: jax.Array, beta: flo
       Unlearning. COLM 2024 (arXiv:2404.05868), eq. (3).
     """
     log_ratio = log_likelihood - jax.lax.stop_gradient(ref_log_likelihood)
-    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(-beta * log_ratio))
+    return -(2.0 / beta) * _mean(jax.nn.log_sigmoid(-beta * log_ratio), mask)
 
 
 def simnpo_loss(
-    log_likelihood: jax.Array, lengths: jax.Array, beta: float, gamma: float = 0.0
+    log_likelihood: jax.Array,
+    lengths: jax.Array,
+    beta: float,
+    gamma: float = 0.0,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     r"""Reference-free, length-normalised NPO (SimNPO).
 
@@ -357,6 +374,7 @@ def simnpo_loss(
       lengths: ``[B]`` :math:`|y_i|`: 1 for a classifier, the number of answer tokens for a sequence.
       beta: inverse temperature > 0.
       gamma: reward margin >= 0.
+      mask: optional ``[B]`` row weights (0 on padding rows).
 
     Returns:
       The scalar loss.
@@ -366,7 +384,13 @@ def simnpo_loss(
       Optimization for LLM Unlearning. 2024 (arXiv:2410.07163), eq. (4).
     """
     lengths = jnp.asarray(lengths, log_likelihood.dtype)
-    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(-(beta / lengths) * log_likelihood - gamma))
+    # A padding row (or an answer without tokens) has length 0: divide by 1 there; its weight is 0.
+    safe = jnp.where(lengths > 0, lengths, 1.0)
+    return -(2.0 / beta) * _mean(jax.nn.log_sigmoid(-(beta / safe) * log_likelihood - gamma), mask)
+
+
+def _mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return jnp.mean(values) if mask is None else masked_mean(values, mask)
 
 
 def kl_divergence(
@@ -391,13 +415,15 @@ def example_log_likelihood(task: Task, params: Params, batch: Batch) -> tuple[ja
 
     For classification :math:`\log\pi(y|x) = \log\operatorname{softmax}(f(x))_y = -\text{CE}`, for
     regression :math:`-\tfrac12\lVert f(x) - y\rVert^2` (the Gaussian log-density with unit variance up
-    to a constant, which cancels in NPO's ratio but not in SimNPO); lengths are 1.
+    to a constant, which cancels in NPO's ratio but not in SimNPO), lengths 1; for a sequence model
+    the log-likelihood of the weighted (answer) tokens
+    :math:`\sum_t w_t \log\pi(y_t | x_{\le t})` and lengths :math:`|y| = \sum_t w_t`.
 
     Returns:
       ``(log_pi [B], lengths [B])``.
     """
     log_pi = -task.batch_losses(params, batch)
-    return log_pi, jnp.ones_like(log_pi)
+    return log_pi, task.batch_lengths(batch).astype(log_pi.dtype)
 
 
 # ---- term factories ------------------------------------------------------------------------------
@@ -461,8 +487,8 @@ def random_labels(*, fixed: bool = True) -> Term:
       baseline); Graves, Nagisetty, Ganesh. Amnesiac Machine Learning. AAAI 2021.
     """
 
-    def init(train_state, task, forget, retain, key):
-        del train_state, task, forget, retain
+    def init(params, key):
+        del params
         return key
 
     def fn(params, ctx, state):
@@ -474,7 +500,7 @@ def random_labels(*, fixed: bool = True) -> Term:
         ids = batch.get("id") if fixed else None
         key = state if ids is not None else jax.random.fold_in(ctx.key, 0x5EED)
         wrong = _wrong_labels(key, batch["y"], ids, num_classes)
-        return jnp.mean(ctx.task.output_losses(logits, wrong))
+        return masked_mean(ctx.task.output_losses(logits, wrong), row_mask(batch))
 
     return Term(
         "forget/random_labels",
@@ -506,7 +532,7 @@ def npo(beta: float = 0.1, *, log_likelihood: LogLikelihoodFn = example_log_like
         batch = _require(ctx.forget, FORGET, "forget/npo")
         log_pi, _ = log_likelihood(ctx.task, params, batch)
         ref_log_pi, _ = log_likelihood(ctx.task, ctx.ref_params, batch)
-        return npo_loss(log_pi, ref_log_pi, beta)
+        return npo_loss(log_pi, ref_log_pi, beta, row_mask(batch, log_pi.dtype))
 
     return Term(
         "forget/npo",
@@ -542,7 +568,7 @@ def simnpo(
         del state
         batch = _require(ctx.forget, FORGET, "forget/simnpo")
         log_pi, lengths = log_likelihood(ctx.task, params, batch)
-        return simnpo_loss(log_pi, lengths, beta, gamma)
+        return simnpo_loss(log_pi, lengths, beta, gamma, row_mask(batch, log_pi.dtype))
 
     return Term(
         "forget/simnpo",
@@ -585,18 +611,18 @@ def _distill(side: str, teacher: str, temperature: float, teacher_init) -> Term:
         raise ValueError("teacher_init only applies to teacher='random'.")
     name = f"{side}/kl" if teacher == "original" else f"{side}/kl_random_teacher"
 
-    def init(train_state, task, forget, retain, key):
-        del task, forget, retain
+    def init(params, key):
         if teacher_init is not None:
             return teacher_init(key)
-        return reinit_params(train_state.params, key)
+        return reinit_params(params, key)
 
     def fn(params, ctx, state):
         batch = _require(ctx.forget if side == FORGET else ctx.retain, side, name)
         teacher_params = ctx.ref_params if teacher == "original" else state
         teacher_logits = jax.lax.stop_gradient(ctx.task.batch_outputs(teacher_params, batch))
         student_logits = ctx.task.batch_outputs(params, batch)
-        return jnp.mean(kl_divergence(teacher_logits, student_logits, temperature))
+        kl = kl_divergence(teacher_logits, student_logits, temperature)
+        return masked_mean(kl, row_mask(batch, kl.dtype))
 
     fn_name = "forget_kl" if side == FORGET else "retain_kl"
     return Term(

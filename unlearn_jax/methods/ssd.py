@@ -13,30 +13,46 @@ whole training set, and shrinks the parameters that matter disproportionately to
 with :math:`I_D` the importance on the training set :math:`D` (retain + forget), :math:`I_f` on the
 forget set, :math:`\alpha` the selection weighting and :math:`\lambda` the dampening constant.
 
-Importance estimators (``importance=``):
+Importance estimators (``importance=``), both streaming reductions
+(:mod:`unlearn_jax.core.reductions`):
 
 * ``"fisher"`` (default): the per-example empirical diagonal Fisher
-  :math:`I = \frac1N \sum_i g_i \odot g_i`, the quantity the paper defines. It does not depend on the
-  batch size, and the training-set importance of the union of two sets is the count-weighted mean of
-  theirs, :math:`I_D = (n_r I_r + n_f I_f) / n`.
+  :math:`I = \frac1N \sum_i g_i \odot g_i`, the quantity the paper defines. It does not depend on
+  the batch size or order, and the training-set importance of the union of two sets is the
+  count-weighted mean of theirs, :math:`I_D = (n_r I_r + n_f I_f) / n`, so the forget set is
+  streamed once.
 * ``"batch_mean"``: the reference code's estimator, the squared gradient of each mini-batch's MEAN
-  loss averaged over the batches, :math:`\frac1M \sum_m (\bar g_m)^2`. It depends on the batch size
-  (for i.i.d. gradients about :math:`\bar g^2 + \mathrm{Var}(g)/B`), so the batch size is a
-  recorded parameter: 128 on the forget set and 64 on the training set, as in the reference.
+  loss averaged over the batches, :math:`\frac1M \sum_m (\bar g_m)^2` (a partial last batch counts as
+  one batch). It depends on the batch size AND on which examples share a batch, so reproducing
+  published numbers means reproducing the reference scripts' loaders: ``protocol=`` names one
+  (:data:`PROTOCOLS`, from the authors' scripts, repository if-loops/selective-synaptic-dampening at
+  commit cdfdc0e):
+
+  - ``"full_class"`` (``forget_full_class_main.py``): batch 64 for the forget pass and the
+    training-set pass; the retain set is built class by class (stably grouped by label), and the
+    training-set pass runs over the retain set THEN the forget set, unshuffled, so its batches are
+    mostly of one class;
+  - ``"sub_class"`` (``forget_subclass_main.py``): the same loaders (batch 64 and 64, grouped by the
+    label the loss reads);
+  - ``"random"`` (``forget_random_main.py``): batch 128 for both passes, the retain set then the
+    forget set, each in its own (data) order.
+
+  On digits class 3 at alpha 10, the class-grouped order selects 27 parameters and the data set's own
+  order 302: the order is part of the estimator.
 
 Label-free SSD (``label_free=True``, :func:`lfssd`) replaces the loss by the squared norm of the
 outputs, :math:`\ell(x) = \lVert f(x) \rVert_2^2`, and the squared gradients by absolute values
 (:math:`\frac1N \sum_i |g_i|`, or :math:`\frac1M \sum_m |\bar g_m|` with ``"batch_mean"``), so no
 labels are needed at all.
 
-Choosing alpha. With a per-example estimator the training-set importance contains the forget set,
+Choosing alpha. With the per-example estimator the training-set importance contains the forget set,
 :math:`I_D = (n_r I_r + n_f I_f)/n \ge (n_f/n) I_f`, so :math:`[I_f]_j > \alpha [I_D]_j` is
-impossible once :math:`\alpha \ge n / n_f`: the paper's :math:`\alpha = 10` selects nothing when
-one class of ten is forgotten (:func:`ssd` warns). The reference code's batch-mean estimator escapes
-this bound because a forget batch's mean gradient is coherent while the forget examples are diluted
-in the mixed training batches; the paper's published settings come from it. With the per-example
-Fisher, :math:`\alpha = 5, \lambda = 0.1` forgets a digits class (tests and
-``experiments/digits_curvature_methods.py``).
+impossible once :math:`\alpha \ge n / n_f`: the paper's :math:`\alpha = 10` selects nothing when one
+class of ten is forgotten (:func:`ssd` warns). With the batch-mean estimator the same argument holds
+with batch counts in place of example counts (the forget batches of the training-set pass are, but
+for the one that straddles the retain/forget boundary, the batches of the forget pass), so alpha must
+stay below roughly :math:`M / M_f`. With the per-example Fisher, :math:`\alpha = 5, \lambda = 0.1`
+forgets a digits class (tests and ``experiments/digits_curvature_methods.py``).
 
 Edge cases, by construction of the strict inequality:
 
@@ -48,11 +64,12 @@ Edge cases, by construction of the strict inequality:
 * NaN or infinite importances raise a ``ValueError`` naming the leaf (a silent NaN would compare
   False and hide the problem); negative importances raise too.
 
-The training-set importances can be computed once, at training time, with
-:func:`full_data_importances`, stored next to the checkpoint (:func:`save_importances`,
-:func:`load_importances`, or :meth:`Importances.metadata` plus the arrays), and passed as
-``ssd(full_importances=...)``: every later deletion request then costs one pass over its forget set
-only.
+The training-set importances can be computed once, with :func:`full_data_importances` (for
+``"fisher"`` at training time, from the training set alone; for ``"batch_mean"`` from the split,
+since the protocol's order puts the forget set last), stored next to the checkpoint
+(:func:`save_importances`, :func:`load_importances`), and passed as ``ssd(full_importances=...)``:
+every later deletion request then costs one pass over its forget set only, and compiles nothing
+new (the passes and the dampening are cached compiled programs).
 
 References:
   Foster, Schoepf, Brintrup. "Fast Machine Unlearning Without Retraining Through Selective Synaptic
@@ -62,10 +79,10 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -73,17 +90,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
-from unlearn_jax.core.curvature import diag_fisher, diag_fisher_batch_mean
-from unlearn_jax.core.grads import chunked_sum, mean_grad
+from unlearn_jax.core import reductions
+from unlearn_jax.core.reductions import Reduced
 from unlearn_jax.core.task import Task
-from unlearn_jax.methods.base import Unlearner
+from unlearn_jax.methods.driver import statistic_data
+from unlearn_jax.methods.protocol import (
+    FORGET,
+    RETAIN,
+    TRAIN,
+    Checks,
+    Feeds,
+    Statistic,
+    Unlearner,
+)
 
 Params = Any
 ESTIMATORS = ("fisher", "batch_mean")
 
-# The reference implementation's batch sizes for the "batch_mean" estimator.
-REFERENCE_FORGET_BATCH_SIZE = 128
-REFERENCE_FULL_BATCH_SIZE = 64
+
+class Protocol(NamedTuple):
+    """The loaders of one of SSD's reference scripts (module docstring).
+
+    Attributes:
+      forget_batch_size: batch size of the forget pass.
+      full_batch_size: batch size of the training-set pass (retain, then forget).
+      order: ``"by_class"`` (each set stably grouped by label) or ``"data"`` (each set in its order).
+    """
+
+    forget_batch_size: int
+    full_batch_size: int
+    order: str
+
+
+PROTOCOLS = {
+    "full_class": Protocol(64, 64, "by_class"),
+    "sub_class": Protocol(64, 64, "by_class"),
+    "random": Protocol(128, 128, "data"),
+}
+# Streaming batch size of the per-example estimator (its value does not depend on it).
+FISHER_BATCH_SIZE = 128
 
 
 class Importances(NamedTuple):
@@ -96,6 +141,7 @@ class Importances(NamedTuple):
       batch_size: the batch size of the pass (part of the definition of ``"batch_mean"``; only the
         streaming size for ``"fisher"``).
       num_examples: the number of examples averaged over.
+      protocol: the reference protocol of a ``"batch_mean"`` pass (``None`` for ``"fisher"``).
     """
 
     values: Params
@@ -103,6 +149,7 @@ class Importances(NamedTuple):
     label_free: bool
     batch_size: int
     num_examples: int
+    protocol: str | None = None
 
     def metadata(self) -> dict:
         """JSON-serialisable description (everything but the arrays), e.g. for checkpoint metadata."""
@@ -111,10 +158,12 @@ class Importances(NamedTuple):
             "label_free": self.label_free,
             "batch_size": self.batch_size,
             "num_examples": self.num_examples,
+            "protocol": self.protocol,
         }
 
 
 # ---- importance estimation ------------------------------------------------------------------------
+@functools.cache
 def _label_free_loss(task: Task):
     def loss(params, example):
         return jnp.sum(jnp.square(task.outputs(params, example)))
@@ -122,51 +171,48 @@ def _label_free_loss(task: Task):
     return loss
 
 
-def _as_batches(data: Any, batch_size: int, name: str) -> tuple[Iterator, int]:
-    """Batches of ``batch_size`` examples in data order, from a Dataset, a batch dict or a list."""
-    if hasattr(data, "as_batch"):
-        full = data.as_batch()
-    elif isinstance(data, dict):
-        full = data
-    else:
-        batches = list(data)
-        if not batches:
-            raise ValueError(f"{name} holds no batches.")
-        return iter(batches), sum(_validate.batch_size(b, name) for b in batches)
-    size = _validate.batch_size(full, name)
-    full = {k: v for k, v in full.items() if k != "id"}
-    return (
-        (jax.tree_util.tree_map(lambda a, s=s: a[s : s + batch_size], full))
-        for s in range(0, size, batch_size)
-    ), size
+def _reduction(task: Task, estimator: str, label_free: bool, chunk_size: int | None):
+    loss = _label_free_loss(task) if label_free else task.loss
+    if estimator == "fisher":
+        if label_free:
+            return reductions.abs_gradient_mean(loss, chunk_size)
+        return reductions.squared_gradient_mean(loss, chunk_size)
+    if label_free:
+        return reductions.batch_mean_abs_gradient(loss)
+    return reductions.batch_mean_squared_gradient(loss)
 
 
-def _mean_abs_grad(loss_fn, params, batches: Iterable, chunk_size):
-    """``(1/N) sum_i |g_i|`` over every example of ``batches``."""
-
-    @jax.jit
-    def step(p, batch):
-        return chunked_sum(
-            lambda ex: jax.tree_util.tree_map(jnp.abs, jax.grad(loss_fn)(p, ex)), batch, chunk_size
-        )
-
-    total, count = None, 0
-    for batch in batches:
-        part = step(params, batch)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        count += _validate.batch_size(batch)
-    return jax.tree_util.tree_map(lambda t: t / count, total)
+def _reduction_factory(estimator: str, label_free: bool, chunk_size: int | None):
+    """``task -> Reduction`` for a :class:`~unlearn_jax.methods.protocol.Statistic` (cached, so that
+    equal SSD configurations share compiled passes)."""
+    return functools.partial(_cached_reduction, estimator=estimator, label_free=label_free,
+                             chunk_size=chunk_size)  # fmt: skip
 
 
-def _batch_mean_abs_grad(loss_fn, params, batches: Iterable):
-    """``(1/M) sum_m |mean_{i in m} g_i|`` over the batches."""
-    step = jax.jit(lambda p, b: jax.tree_util.tree_map(jnp.abs, mean_grad(loss_fn, p, b)))
-    total, num = None, 0
-    for batch in batches:
-        part = step(params, batch)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        num += 1
-    return jax.tree_util.tree_map(lambda t: t / num, total)
+@functools.cache
+def _cached_reduction(task, *, estimator, label_free, chunk_size):
+    return _reduction(task, estimator, label_free, chunk_size)
+
+
+def _batches(data: Any, batch_size: int, name: str):
+    """Batches of ``batch_size`` in data order, from a Dataset, a batch dict or a list of batches."""
+    from unlearn_jax.data.batching import batches as dataset_batches
+
+    if hasattr(data, "ids") and hasattr(data, "x"):
+        if len(data) == 0:
+            raise ValueError(f"{name} is empty; importances need at least one example.")
+        return dataset_batches(data, min(batch_size, len(data)))
+    if isinstance(data, dict):
+        size = _validate.batch_size(data, name)
+        full = {k: v for k, v in data.items() if k != "id"}
+        return [
+            jax.tree_util.tree_map(lambda a, s=s: a[s : s + batch_size], full)
+            for s in range(0, size, batch_size)
+        ]
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"{name} holds no batches.")
+    return batches
 
 
 def importances(
@@ -176,8 +222,9 @@ def importances(
     *,
     estimator: str = "fisher",
     label_free: bool = False,
-    batch_size: int = 128,
+    batch_size: int = FISHER_BATCH_SIZE,
     chunk_size: int | None = None,
+    protocol: str | None = None,
 ) -> Importances:
     r"""Per-parameter importances of ``data`` for SSD (see the module docstring for the formulas).
 
@@ -185,13 +232,14 @@ def importances(
       task: how to read the model's loss and outputs.
       params: the model parameters.
       data: an :class:`unlearn_jax.data.Dataset`, a batch dict ``{"x", "y", ...}``, or an iterable of
-        such batches.
+        such batches (passed as they are: their sizes and order define ``"batch_mean"``).
       estimator: ``"fisher"`` (per-example, :math:`\frac1N\sum_i g_i^2`) or ``"batch_mean"``
-        (:math:`\frac1M\sum_m \bar g_m^2`, depends on ``batch_size``).
+        (:math:`\frac1M\sum_m \bar g_m^2`, depends on the batches).
       label_free: LFSSD importances, ``|grad ||f(x)||^2|`` instead of squared loss gradients.
       batch_size: examples per batch of the pass (a Dataset or dict is cut into batches of this
         size, in data order).
       chunk_size: per-example gradients computed this many at a time (memory bound).
+      protocol: recorded with the result (the protocol the caller ordered the data by).
 
     Returns:
       :class:`Importances`.
@@ -201,18 +249,12 @@ def importances(
     """
     _validate.one_of("importance estimator", estimator, ESTIMATORS)
     _validate.positive_int(batch_size=batch_size, chunk_size=chunk_size)
-    batches, count = _as_batches(data, batch_size, "data")
-    if label_free:
-        loss_fn = _label_free_loss(task)
-        if estimator == "fisher":
-            values = _mean_abs_grad(loss_fn, params, batches, chunk_size)
-        else:
-            values = _batch_mean_abs_grad(loss_fn, params, batches)
-    elif estimator == "fisher":
-        values = diag_fisher(task.loss, params, batches, chunk_size=chunk_size)
-    else:
-        values = diag_fisher_batch_mean(task.loss, params, batches)
-    imp = Importances(values, estimator, bool(label_free), int(batch_size), int(count))
+    reduction = _cached_reduction(
+        task, estimator=estimator, label_free=bool(label_free), chunk_size=chunk_size
+    )
+    out = reductions.reduce(reduction, params, _batches(data, batch_size, "data"))
+    imp = Importances(out.value, estimator, bool(label_free), int(batch_size),
+                      round(float(out.count)), protocol)  # fmt: skip
     check_importances(imp.values, "importances")
     return imp
 
@@ -220,28 +262,44 @@ def importances(
 def full_data_importances(
     task: Task,
     params: Params,
-    train: Any,
+    train: Any = None,
     *,
+    retain: Any = None,
+    forget: Any = None,
     estimator: str = "fisher",
     label_free: bool = False,
-    batch_size: int = REFERENCE_FULL_BATCH_SIZE,
+    protocol: str = "full_class",
     chunk_size: int | None = None,
 ) -> Importances:
     """Importances :math:`I_D` of the whole training set, to compute once and cache.
 
-    Same as :func:`importances` with the reference's full-data batch size (64) as the default.
-    Store the result with the checkpoint (:func:`save_importances`) and pass it to
-    ``ssd(full_importances=...)``: deletions then need a pass over their forget set only.
+    ``"fisher"`` depends on the training set only: pass ``train`` (compute it at training time).
+    ``"batch_mean"`` follows ``protocol``'s loaders (module docstring): the pass runs over the retain
+    set then the forget set in the protocol's order and batch size, so it needs the split: pass
+    ``retain`` and ``forget``. Either way the result equals what ``ssd(...)`` computes in one call
+    for the same request, and can be passed back as ``ssd(full_importances=...)``.
+
+    Raises:
+      ValueError: missing data for the estimator, an unknown protocol, non-finite importances.
     """
-    return importances(
-        task,
-        params,
-        train,
-        estimator=estimator,
-        label_free=label_free,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-    )
+    _validate.one_of("importance estimator", estimator, ESTIMATORS)
+    if estimator == "fisher":
+        if train is None:
+            if retain is None or forget is None:
+                raise ValueError("full_data_importances needs train= (or retain= and forget=).")
+            train = statistic_data(TRAIN, "data", forget, retain)
+        return importances(task, params, train, estimator="fisher", label_free=label_free,
+                           batch_size=FISHER_BATCH_SIZE, chunk_size=chunk_size)  # fmt: skip
+    _validate.one_of("SSD protocol", protocol, PROTOCOLS)
+    if retain is None or forget is None:
+        raise ValueError(
+            "batch_mean importances follow the reference protocol's loaders, whose training-set pass "
+            "is the retain set then the forget set: pass retain= and forget= (not train=)."
+        )
+    spec = PROTOCOLS[protocol]
+    data = statistic_data(TRAIN, spec.order, forget, retain)
+    return importances(task, params, data, estimator="batch_mean", label_free=label_free,
+                       batch_size=spec.full_batch_size, protocol=protocol)  # fmt: skip
 
 
 def check_importances(values: Params, name: str) -> None:
@@ -283,11 +341,15 @@ def combine_importances(retain: Importances, forget: Importances) -> Importances
             "training set directly (full_data_importances) instead of combining."
         )
     n_r, n_f = retain.num_examples, forget.num_examples
+    values = _combined(retain.values, forget.values, n_r, n_f)
+    return Importances(values, retain.estimator, retain.label_free, retain.batch_size, n_r + n_f)
+
+
+def _combined(retain_values, forget_values, n_r, n_f):
     n = n_r + n_f
-    values = jax.tree_util.tree_map(
-        lambda r, f: (n_r / n) * r + (n_f / n) * f, retain.values, forget.values
+    return jax.tree_util.tree_map(
+        lambda r, f: (n_r / n) * r + (n_f / n) * f, retain_values, forget_values
     )
-    return Importances(values, retain.estimator, retain.label_free, retain.batch_size, n)
 
 
 # ---- storage --------------------------------------------------------------------------------------
@@ -358,6 +420,7 @@ def load_importances(path: str | os.PathLike, params_like: Params | None = None)
         bool(meta["label_free"]),
         int(meta["batch_size"]),
         int(meta["num_examples"]),
+        meta.get("protocol"),
     )
 
 
@@ -420,15 +483,17 @@ def dampen(
     return new_params, stats
 
 
-_dampen_jit = jax.jit(dampen)
-
-
 # ---- the Unlearner ----------------------------------------------------------------------------
 class SSDState(NamedTuple):
-    """SSD's method state: the importances it used (kept for inspection and reuse)."""
+    """SSD's method state: the importances it used (kept for inspection and reuse).
 
-    forget: Importances
-    full: Importances
+    Attributes:
+      forget: :math:`I_f`, a pytree like the params.
+      full: :math:`I_D`, a pytree like the params.
+    """
+
+    forget: Params
+    full: Params
 
 
 def ssd(
@@ -437,140 +502,166 @@ def ssd(
     *,
     importance: str = "fisher",
     label_free: bool = False,
+    protocol: str | None = None,
     full_importances: Importances | None = None,
-    forget_batch_size: int = REFERENCE_FORGET_BATCH_SIZE,
-    full_batch_size: int = REFERENCE_FULL_BATCH_SIZE,
+    batch_size: int = FISHER_BATCH_SIZE,
     chunk_size: int | None = None,
 ) -> Unlearner:
-    r"""Selective Synaptic Dampening as a one-shot :class:`Unlearner`.
+    r"""Selective Synaptic Dampening as a one-shot :class:`~unlearn_jax.methods.protocol.Unlearner`.
 
-    ``init`` computes :math:`I_f` on the forget set and, unless ``full_importances`` is given,
-    :math:`I_D` on retain + forget (for ``"fisher"``: from the retain pass and the forget pass,
-    :func:`combine_importances`; for ``"batch_mean"``: a pass over retain followed by forget in
-    batches of ``full_batch_size``). ``update`` dampens the parameters (module docstring).
+    Its statistics (streaming reductions, computed before the single update): :math:`I_f` over the
+    forget set and, unless ``full_importances`` is given, :math:`I_D`: for ``"fisher"`` from a pass
+    over the retain set combined with :math:`I_f` (:math:`(n_r I_r + n_f I_f)/n`), for
+    ``"batch_mean"`` from the protocol's training-set pass (retain then forget). ``update`` dampens
+    the parameters (module docstring); it reads no batches, so a request of any size reuses the
+    compiled passes and the compiled dampening.
 
     Guarantees:
       Approximate: no equivalence to retraining is claimed. Deterministic given the importances;
       parameters with zero forget importance never change. Retain data are needed only through
-      :math:`I_D`, which can be cached at training time.
+      :math:`I_D`, which can be cached.
 
     Args:
       alpha: selection weighting :math:`\alpha > 0` (paper: 10 for CIFAR ResNet-18, with the
-        batch-mean estimator; with the per-example Fisher it must be below :math:`n/n_f`, see the
-        module docstring).
+        batch-mean estimator; with the per-example Fisher it must be below :math:`n/n_f`).
       lam: dampening constant :math:`\lambda > 0` (paper: 1).
       importance: ``"fisher"`` (per-example, the paper's definition) or ``"batch_mean"`` (the
         reference code's).
       label_free: LFSSD (see :func:`lfssd`).
+      protocol: for ``"batch_mean"``, the reference loaders to reproduce: ``"full_class"``
+        (default; batch 64/64, class-grouped), ``"sub_class"`` (64/64) or ``"random"`` (128/128);
+        they fix both batch sizes and the order of the training-set pass. Not used by ``"fisher"``.
       full_importances: cached :math:`I_D` from :func:`full_data_importances` (or the ``full`` field
-        of a previous run's method state, :class:`SSDState`); must be of the same estimator and
-        label-freeness. When given, no retain data is read.
-      forget_batch_size: batch size of the forget pass (reference: 128).
-      full_batch_size: batch size of the training-set pass (reference: 64).
+        of a previous run's :class:`SSDState`); must be of the same estimator, label-freeness and
+        protocol. When given, no retain data is read.
+      batch_size: for ``"fisher"``, rows per batch of the streaming passes (the value does not
+        depend on it).
       chunk_size: per-example gradients computed this many at a time.
 
     Returns:
-      An :class:`Unlearner` named ``"ssd"`` (``"lfssd"`` when label-free).
+      An :class:`Unlearner` named ``"ssd"`` (``"lfssd"`` when label-free); its metrics are
+      ``ssd/num_selected``, ``ssd/selected_fraction`` and ``ssd/mean_beta_selected``.
 
     Raises:
-      ValueError: non-positive ``alpha``/``lam``, unknown estimator, cached importances of another
-        kind or with NaN/inf/negative entries.
+      ValueError: non-positive ``alpha``/``lam``, unknown estimator or protocol, cached importances
+        of another kind or with NaN/inf/negative entries (those computed in the run are checked
+        too, before the dampening).
 
     References:
       Foster, Schoepf, Brintrup, AAAI 2024 (SSD); Foster, Schoepf, Brintrup, 2024 (LFSSD).
     """
     _validate.positive(alpha=alpha, lam=lam)
     _validate.one_of("importance estimator", importance, ESTIMATORS)
-    _validate.positive_int(
-        forget_batch_size=forget_batch_size, full_batch_size=full_batch_size, chunk_size=chunk_size
-    )
-    if full_importances is not None:
-        if not isinstance(full_importances, Importances):
-            raise TypeError(
-                "full_importances must be an Importances (from full_data_importances), got "
-                f"{type(full_importances).__name__}."
-            )
-        if full_importances.estimator != importance or full_importances.label_free != label_free:
+    _validate.positive_int(batch_size=batch_size, chunk_size=chunk_size)
+    if importance == "batch_mean":
+        protocol = "full_class" if protocol is None else protocol
+        _validate.one_of("SSD protocol", protocol, PROTOCOLS)
+        spec = PROTOCOLS[protocol]
+    else:
+        if protocol is not None:
             raise ValueError(
-                f"full_importances were computed with estimator={full_importances.estimator!r}, "
-                f"label_free={full_importances.label_free}, but this SSD uses "
-                f"importance={importance!r}, label_free={label_free}; recompute them or match the "
-                "arguments."
+                f"protocol={protocol!r} applies to importance='batch_mean' only: the per-example "
+                "Fisher does not depend on batch sizes or order."
             )
-        check_importances(full_importances.values, "full_importances")
-        full_batch_size = full_importances.batch_size
+        spec = Protocol(batch_size, batch_size, "data")
     name = "lfssd" if label_free else "ssd"
+    reduction = _reduction_factory(importance, bool(label_free), chunk_size)
+    statistics = {
+        "forget_importance": Statistic(reduction, FORGET, spec.forget_batch_size, spec.order)
+    }
+    if full_importances is not None:
+        _check_cached(full_importances, importance, label_free, protocol)
+        statistics["full_importance"] = Statistic(
+            reduction, TRAIN, spec.full_batch_size, spec.order,
+            value=Reduced(full_importances.values, jnp.asarray(
+                float(full_importances.num_examples), jnp.float32)),
+        )  # fmt: skip
+    elif importance == "fisher":
+        statistics["retain_importance"] = Statistic(reduction, RETAIN, spec.full_batch_size)
+    else:
+        statistics["full_importance"] = Statistic(
+            reduction, TRAIN, spec.full_batch_size, spec.order
+        )
 
-    def _warn_if_nothing_selectable(forget_imp, full):
-        if importance != "fisher" or full.num_examples <= 0:
+    def full_values(stats):
+        if "full_importance" in stats:
+            return stats["full_importance"].value
+        f, r = stats["forget_importance"], stats["retain_importance"]
+        n_f, n_r = f.count, r.count
+        # (n_r I_r + n_f I_f) / n: the training set's per-example Fisher.
+        return jax.tree_util.tree_map(
+            lambda a, b: (n_r * a + n_f * b) / (n_r + n_f), r.value, f.value
+        )
+
+    def check_stats(stats):
+        for key, stat in stats.items():
+            check_importances(stat.value, f"{name} {key}")
+        if importance != "fisher":
             return
-        bound = full.num_examples / forget_imp.num_examples
+        n_f = float(np.max(np.asarray(stats["forget_importance"].count)))
+        full = stats.get("full_importance") or stats["retain_importance"]
+        n = float(np.max(np.asarray(full.count))) + (0.0 if "full_importance" in stats else n_f)
+        bound = n / n_f
         if alpha >= bound:
             warnings.warn(
-                f"{name}: alpha={alpha} >= n / n_f = {full.num_examples} / "
-                f"{forget_imp.num_examples} = {bound:.3g}; with per-example importances I_D >= "
-                "(n_f / n) I_f, so no parameter can be selected and the model will not change. Use "
-                f"alpha < {bound:.3g} (e.g. alpha=5, lam=0.1 for one class of ten) or "
-                "importance='batch_mean' (the reference code's estimator).",
-                stacklevel=2,
+                f"{name}: alpha={alpha} >= n / n_f = {n:.0f} / {n_f:.0f} = {bound:.3g}; with "
+                "per-example importances I_D >= (n_f / n) I_f, so no parameter can be selected and "
+                f"the model will not change. Use alpha < {bound:.3g} (e.g. alpha=5, lam=0.1 for one "
+                "class of ten) or importance='batch_mean' (the reference code's estimator).",
+                stacklevel=3,
             )
 
-    estimate = dict(estimator=importance, label_free=label_free, chunk_size=chunk_size)
+    def init(task, params, key, stats, plan):
+        del task, key, plan
+        _validate.same_structure(params, stats["forget_importance"].value, "params", "importances")
+        return SSDState(stats["forget_importance"].value, full_values(stats))
 
-    def init(train_state, task, forget, retain, key):
-        del key
-        params = train_state.params
-        forget_imp = importances(task, params, forget, batch_size=forget_batch_size, **estimate)
-        if full_importances is not None:
-            _validate.same_structure(params, full_importances.values, "params", "full_importances")
-            _warn_if_nothing_selectable(forget_imp, full_importances)
-            return SSDState(forget_imp, full_importances)
-        if retain is None:
-            raise ValueError(
-                f"{name} needs the training-set importances: pass retain data, or compute them once "
-                "with full_data_importances(...) and pass ssd(full_importances=...)."
-            )
-        if importance == "fisher":
-            retain_imp = importances(task, params, retain, batch_size=full_batch_size, **estimate)
-            full = combine_importances(retain_imp, forget_imp)
-            full = full._replace(batch_size=full_batch_size)
-        else:
-            both = list(_as_batches(retain, full_batch_size, "retain")[0]) + list(
-                _as_batches(forget, full_batch_size, "forget")[0]
-            )
-            full = importances(task, params, both, batch_size=full_batch_size, **estimate)
-        _warn_if_nothing_selectable(forget_imp, full)
-        return SSDState(forget_imp, full)
-
-    def update(train_state, method_state, task, forget_batch, retain_batch, key):
-        del retain_batch, key
-        params, stats = _dampen_jit(
-            train_state.params,
-            method_state.forget.values,
-            method_state.full.values,
-            alpha=alpha,
-            lam=lam,
+    def update(task, params, method_state, forget_batch, retain_batch, key):
+        del task, forget_batch, retain_batch, key
+        new_params, stats = dampen(
+            params, method_state.forget, method_state.full, alpha=alpha, lam=lam
         )
-        metrics = {"loss": task.batch_loss(params, forget_batch), **stats}
-        return train_state.replace(params=params), method_state, metrics
+        return new_params, method_state, stats
 
     return Unlearner(
         init=init,
         update=update,
         name=name,
-        needs_retain=full_importances is None,
-        needs_forget_batches=True,
-        one_shot=True,
+        feeds=Feeds(batches=(), statistics=statistics, run={"steps": 1}),
+        guarantee="approximate",
         hparams={
             "alpha": alpha,
             "lam": lam,
             "importance": importance,
-            "label_free": label_free,
+            "label_free": bool(label_free),
+            "protocol": protocol,
             "cached_full_importances": full_importances is not None,
-            "forget_batch_size": forget_batch_size,
-            "full_batch_size": full_batch_size,
+            "forget_batch_size": spec.forget_batch_size,
+            "full_batch_size": spec.full_batch_size,
+            "order": spec.order,
         },
+        checks=Checks(stats=check_stats),
     )
+
+
+def _check_cached(imp: Importances, importance: str, label_free: bool, protocol) -> None:
+    if not isinstance(imp, Importances):
+        raise TypeError(
+            "full_importances must be an Importances (from full_data_importances), got "
+            f"{type(imp).__name__}."
+        )
+    if imp.estimator != importance or imp.label_free != bool(label_free):
+        raise ValueError(
+            f"full_importances were computed with estimator={imp.estimator!r}, "
+            f"label_free={imp.label_free}, but this SSD uses importance={importance!r}, "
+            f"label_free={bool(label_free)}; recompute them or match the arguments."
+        )
+    if importance == "batch_mean" and imp.protocol != protocol:
+        raise ValueError(
+            f"full_importances follow protocol {imp.protocol!r} but this SSD uses {protocol!r}: "
+            "batch-mean importances depend on the protocol's batch sizes and order."
+        )
+    check_importances(imp.values, "full_importances")
 
 
 def lfssd(alpha: float = 10.0, lam: float = 1.0, **kwargs: Any) -> Unlearner:
@@ -587,3 +678,22 @@ def lfssd(alpha: float = 10.0, lam: float = 1.0, **kwargs: Any) -> Unlearner:
       Foster, Schoepf, Brintrup. "Loss-Free Machine Unlearning", ICLR 2024 Tiny Papers.
     """
     return ssd(alpha, lam, label_free=True, **kwargs)
+
+
+__all__ = [
+    "ESTIMATORS",
+    "PROTOCOLS",
+    "Importances",
+    "Protocol",
+    "SSDState",
+    "check_importances",
+    "combine_importances",
+    "dampen",
+    "dampening_factors",
+    "full_data_importances",
+    "importances",
+    "lfssd",
+    "load_importances",
+    "save_importances",
+    "ssd",
+]

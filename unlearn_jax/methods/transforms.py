@@ -1,34 +1,42 @@
-r"""Gradient transforms: how the gradient of an objective is taken, and which weights it may move.
+r"""Gradient transforms: how a gradient method takes its gradient, and what the gradient may touch.
 
-A gradient method computes, at every step, ``((loss, metrics), grads) = value_and_grad(objective,
-params, ctx, term_states)``. A :class:`GradientTransform` may
+A gradient method computes, at every step, ``((loss, metrics), g) = value_and_grad(objective, params,
+ctx, term_states)``, passes ``g`` through its transform, then through its optax optimizer. A
+:class:`GradientTransform` may do any of three things:
 
-* replace how that gradient is taken (``wrap``): :func:`sharpness_aware` re-evaluates the forget
-  terms' gradient at perturbed parameters;
-* restrict which parameters move (``update_mask``): :func:`saliency_mask` lets only the most salient
-  weights change. The mask is applied to the gradient AND to the final parameters
-  (``theta' = where(mask, theta + update, theta)``), so weight decay and momentum inside the optimizer
-  cannot move a masked-out weight: it stays bit-identical.
+* ``wrap``: change how the gradient is taken. :func:`sharpness_aware` re-evaluates the forget terms'
+  gradient at perturbed parameters.
+* ``update``: transform the gradient after it is taken, optax-style
+  (``update(g, state, params) -> (g, state)``). Every optax ``GradientTransformation``
+  (``optax.clip_by_global_norm(1.0)``, ``optax.masked(...)``, ``optax.apply_if_finite(...)``) is one
+  (:func:`from_optax`); :func:`saliency_mask` zeroes the gradient of non-salient weights.
+* ``update_mask``: restrict which parameters may move at all. The final parameters are
+  ``theta' = where(mask, theta + u, theta)``, so weight decay and momentum inside the optimizer cannot
+  move a masked-out weight: it stays bit-identical.
 
-Transforms are applied in order: the first wraps the plain gradient, the next wraps that, and so on;
-masks are combined with a logical AND.
+:func:`chain` composes transforms in order, as ``optax.chain`` does: the ``wrap``\ s nest (the first
+wraps the plain gradient, the next wraps that), then the ``update``\ s run in order on the result, and
+masks combine with a logical AND. Optax transforms may be passed to :func:`chain` directly.
+
+A transform may need a statistic of the data before the first step (the saliency mask needs the
+forget set's gradient): it declares it in ``statistics`` (see
+:class:`~unlearn_jax.methods.protocol.Statistic`) and receives it in ``init``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from unlearn_jax import _validate
-from unlearn_jax.core import grads
-from unlearn_jax.core.task import Task
+from unlearn_jax.core import reductions
 from unlearn_jax.methods.objectives import FORGET, PARAMS, RETAIN, Context, Metrics, Objective
+from unlearn_jax.methods.protocol import Statistic
 
 Params = Any
 TermStates = dict[str, Any]
@@ -56,23 +64,134 @@ class GradientTransform(NamedTuple):
     """A change to how a gradient method takes its gradient or what the gradient may touch.
 
     Attributes:
-      name: short name (``"sam"``, ``"saliency_mask"``).
-      init: ``init(train_state, task, objective, forget, retain, key) -> state``, run once before the
-        first step (e.g. the saliency mask is computed here).
-      wrap: ``wrap(value_and_grad, state) -> value_and_grad``: the new way to take the gradient.
+      name: short name (``"sam"``, ``"saliency_mask"``, ``"optax"``, ``"chain"``).
+      init: ``init(params, key, stats) -> state``; pure (works on ``jax.ShapeDtypeStruct`` params);
+        ``stats`` holds the transform's declared statistics by name.
+      wrap: ``wrap(value_and_grad, state) -> value_and_grad`` or ``None``.
+      update: ``update(grads, state, params) -> (grads, state)`` or ``None``.
       update_mask: ``update_mask(state) -> bool pytree like params`` (True: may move), or ``None``.
+      statistics: ``{name: Statistic}`` the transform needs before the first step.
       hparams: the hyper-parameters, for records.
     """
 
     name: str
-    init: Callable[[Any, Task, Objective, Any, Any, jax.Array], Any]
-    wrap: Callable[[ValueAndGrad, Any], ValueAndGrad]
+    init: Callable[[Params, jax.Array, Mapping[str, Any]], Any]
+    wrap: Callable[[ValueAndGrad, Any], ValueAndGrad] | None = None
+    update: Callable[[Params, Any, Params], tuple[Params, Any]] | None = None
     update_mask: Callable[[Any], Params] | None = None
-    hparams: dict = {}  # noqa: RUF012 -- NamedTuple default, never mutated
+    statistics: Mapping[str, Statistic] = {}
+    hparams: Mapping[str, Any] = {}
 
 
-def _no_state(train_state, task, objective, forget, retain, key):
-    del train_state, task, objective, forget, retain, key
+def _no_state(params, key, stats):
+    del params, key, stats
+    return None
+
+
+def _is_optax(t: Any) -> bool:
+    return (
+        callable(getattr(t, "init", None))
+        and callable(getattr(t, "update", None))
+        and not (isinstance(t, GradientTransform))
+    )
+
+
+def from_optax(
+    transformation: optax.GradientTransformation, name: str = "optax"
+) -> GradientTransform:
+    """An optax ``GradientTransformation`` as a :class:`GradientTransform` (its ``update`` step).
+
+    The gradient passes through ``transformation.update(g, state, params)`` exactly as optax defines
+    it, before the method's optimizer; its state is created from the parameters at ``init``.
+    """
+    if not _is_optax(transformation):
+        raise TypeError(
+            f"from_optax takes an optax GradientTransformation, got {type(transformation).__name__}."
+        )
+
+    def init(params, key, stats):
+        del key, stats
+        return transformation.init(params)
+
+    def update(grads, state, params):
+        return transformation.update(grads, state, params)
+
+    return GradientTransform(name, init, update=update, hparams={"transform": name})
+
+
+def as_transform(t: Any) -> GradientTransform:
+    """``t`` itself if it is a :class:`GradientTransform`, :func:`from_optax` of an optax one."""
+    if isinstance(t, GradientTransform):
+        return t
+    if _is_optax(t):
+        return from_optax(t)
+    raise TypeError(
+        f"expected a GradientTransform (sharpness_aware(...), saliency_mask(...)) or an optax "
+        f"GradientTransformation (optax.clip_by_global_norm(1.0), ...), got {type(t).__name__}."
+    )
+
+
+def identity() -> GradientTransform:
+    """The transform that changes nothing (the default of a gradient method)."""
+    return GradientTransform("identity", _no_state)
+
+
+def chain(*transforms: Any) -> GradientTransform:
+    r"""Composes gradient transforms (optax transforms included) in order, like ``optax.chain``.
+
+    The ``wrap``\ s nest in order (the first wraps the plain gradient), the ``update``\ s run in
+    order on the gradient they produce, and ``update_mask``\ s are AND-ed. The chain's state is the
+    tuple of the parts' states; statistics are namespaced ``"<index>/<name>"``.
+
+    Examples:
+      >>> import optax
+      >>> t = chain(sharpness_aware(0.01), saliency_mask(0.5), optax.clip_by_global_norm(1.0))
+      >>> t.name
+      'chain(sam, saliency_mask, optax)'
+    """
+    parts = tuple(as_transform(t) for t in transforms)
+    if len(parts) == 1:
+        return parts[0]
+    statistics = {
+        f"{i}/{name}": stat for i, p in enumerate(parts) for name, stat in p.statistics.items()
+    }
+
+    def own_stats(i, stats):
+        prefix = f"{i}/"
+        return {k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)}
+
+    def init(params, key, stats):
+        keys = jax.random.split(key, max(len(parts), 1))
+        return tuple(p.init(params, keys[i], own_stats(i, stats)) for i, p in enumerate(parts))
+
+    def wrap(inner, states):
+        for p, s in zip(parts, states, strict=True):
+            if p.wrap is not None:
+                inner = p.wrap(inner, s)
+        return inner
+
+    def update(grads, states, params):
+        new_states = []
+        for p, s in zip(parts, states, strict=True):
+            if p.update is not None:
+                grads, s = p.update(grads, s, params)
+            new_states.append(s)
+        return grads, tuple(new_states)
+
+    def update_mask(states):
+        masks = [p.update_mask(s) for p, s in zip(parts, states, strict=True) if p.update_mask]
+        return functools.reduce(lambda a, b: jax.tree_util.tree_map(jnp.logical_and, a, b), masks)
+
+    has_mask = any(p.update_mask is not None for p in parts)
+    return GradientTransform(
+        "chain(" + ", ".join(p.name for p in parts) + ")",
+        init,
+        wrap=wrap if any(p.wrap is not None for p in parts) else None,
+        update=update if any(p.update is not None for p in parts) else None,
+        update_mask=update_mask if has_mask else None,
+        statistics=statistics,
+        hparams={"transforms": [{"name": p.name, **dict(p.hparams)} for p in parts]},
+    )
 
 
 def _add(a: Params, b: Params) -> Params:
@@ -147,30 +266,66 @@ def sharpness_aware(rho: float = 0.01) -> GradientTransform:
 
         return sam_value_and_grad
 
-    return GradientTransform("sam", _no_state, wrap, None, {"sam_rho": rho})
+    return GradientTransform("sam", _no_state, wrap=wrap, hparams={"sam_rho": rho})
+
+
+# ---- saliency ------------------------------------------------------------------------------------
+def _leaf_counts(tree) -> tuple[int, ...]:
+    return tuple(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def kth_largest(scores: Params, k: int) -> jax.Array:
+    r"""The ``k``-th largest entry over ALL leaves of ``scores`` (entries ``>= 0``), exactly.
+
+    Bisection on the threshold's float32 bit pattern: for non-negative floats the order of the bit
+    patterns (as integers) is the order of the values, so 32 halvings of ``[0, bits(max)]`` find the
+    largest :math:`t` with :math:`\#\{s \ge t\} \ge k`, which is the ``k``-th largest value. Each
+    count is a sum of per-leaf counts: the leaves are never raveled or concatenated, so a sharded
+    leaf stays sharded (its count is all-reduced). Jittable; float32 (other float dtypes are cast).
+    """
+    leaves = [jnp.asarray(leaf, jnp.float32) for leaf in jax.tree_util.tree_leaves(scores)]
+
+    def bits(x):
+        return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+    def count_at_least(t_bits):
+        t = jax.lax.bitcast_convert_type(t_bits, jnp.float32)
+        return sum(jnp.sum(leaf >= t, dtype=jnp.int32) for leaf in leaves)
+
+    top = bits(functools.reduce(jnp.maximum, [jnp.max(leaf) for leaf in leaves]))
+
+    def body(_, bounds):
+        lo, hi = bounds  # invariant: count(lo) >= k > count(hi + 1) once hi is tight
+        mid = lo + (hi - lo + 1) // 2
+        enough = count_at_least(mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.zeros((), jnp.int32), top))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def top_fraction_mask(scores: Params, fraction: float) -> Params:
     r"""A boolean pytree keeping the ``k = max(1, round(fraction * P))`` largest scores of ALL leaves.
 
-    The ranking is global (across tensors, not per tensor), so exactly ``k`` of the ``P`` entries are
-    True; ties are broken by position in the flattened tree (``jax.flatten_util.ravel_pytree`` order).
+    The ranking is global (across tensors, not per tensor). The threshold :math:`t` is the ``k``-th
+    largest score (:func:`kth_largest`: no leaf is raveled or concatenated, so sharded parameters
+    stay sharded) and the mask keeps :math:`s \ge t`: exactly ``k`` entries when the scores are
+    distinct, all of a tie at the threshold otherwise. A zero score is never kept (a weight with no
+    forget gradient is not salient), so when more than ``P - k`` scores are 0 fewer than ``k``
+    entries are kept. Jittable.
 
     Args:
-      scores: a pytree of real arrays (e.g. absolute gradients).
+      scores: a pytree of real arrays ``>= 0`` (e.g. absolute gradients).
       fraction: kept fraction in ``(0, 1]``.
 
     Raises:
       ValueError: ``fraction`` outside ``(0, 1]``.
     """
     _validate.in_interval("fraction", fraction, 0.0, 1.0, closed="right")
-    flat, unravel = jax.flatten_util.ravel_pytree(scores)
-    total = flat.size
+    total = sum(_leaf_counts(scores))
     k = max(1, min(total, round(fraction * total)))
-    order = jnp.argsort(-flat, stable=True)
-    keep = jnp.zeros(total, bool).at[order[:k]].set(True)
-    # ravel_pytree casts bools to the common dtype; unravel then map back to bool.
-    return jax.tree_util.tree_map(lambda a: a > 0.5, unravel(keep.astype(flat.dtype)))
+    threshold = kth_largest(scores, k)
+    return jax.tree_util.tree_map(lambda s: (s >= threshold) & (s > 0), scores)
 
 
 class SaliencyState(NamedTuple):
@@ -180,39 +335,29 @@ class SaliencyState(NamedTuple):
     kept_fraction: jax.Array
 
 
-def forget_gradient_sum(task: Task, params: Params, forget, chunk_size: int = 256) -> Params:
-    r"""The summed gradient of the task loss over the whole forget set, :math:`\sum_{i\in D_f}\nabla
-    \ell(z_i;\theta)`, computed ``chunk_size`` examples at a time (bounded memory)."""
-    batch = forget.as_batch() if hasattr(forget, "as_batch") else forget
-
-    @jax.jit
-    def total(params, batch):
-        def chunk_total(b):
-            return jax.grad(lambda p: jnp.sum(task.batch_losses(p, b)))(params)
-
-        return grads.sum_over_chunks(chunk_total, batch, chunk_size)
-
-    return total(params, batch)
+def _forget_gradient_sum(task):
+    return reductions.gradient_sum(task.loss)
 
 
-def saliency_mask(fraction: float = 0.5, *, chunk_size: int = 256) -> GradientTransform:
+def saliency_mask(fraction: float = 0.5, *, batch_size: int = 256) -> GradientTransform:
     r"""SalUn's weight-saliency mask: only the weights most salient for the forget loss move.
 
-    Computed once, at ``init``, from the parameters before unlearning:
+    Computed once, before the first step, from the parameters before unlearning:
 
     .. math::
         s = \Bigl|\sum_{i \in D_f} \nabla_\theta \ell(z_i; \theta_0)\Bigr|, \qquad
         m = \mathbb 1[s \ge \text{the } k\text{-th largest entry of } s], \quad k = \text{round}(
         \text{fraction}\cdot P),
 
-    ranked across ALL tensors (see :func:`top_fraction_mask`). Every step then uses
+    ranked across ALL tensors (see :func:`top_fraction_mask`). The summed forget gradient is a
+    streaming reduction over the forget set (``batch_size`` rows at a time). Every step then uses
     :math:`m \odot g` and sets :math:`\theta \leftarrow \text{where}(m, \theta + u, \theta)` for the
     optimizer's update :math:`u`, so masked-out weights stay bit-identical even with weight decay or
     momentum (the reference code masked only the gradient, letting weight decay move them).
 
     Args:
       fraction: kept fraction of the weights, in ``(0, 1]`` (SalUn's default 0.5).
-      chunk_size: forget examples per chunk of the saliency gradient.
+      batch_size: forget examples per batch of the saliency pass.
 
     Guarantees:
       Masked-out weights are unchanged bit for bit; the unlearning itself stays approximate.
@@ -225,27 +370,27 @@ def saliency_mask(fraction: float = 0.5, *, chunk_size: int = 256) -> GradientTr
       ValueError: ``fraction`` outside ``(0, 1]``.
     """
     _validate.in_interval("fraction", fraction, 0.0, 1.0, closed="right")
-    _validate.positive_int(chunk_size=chunk_size)
+    _validate.positive_int(batch_size=batch_size)
 
-    def init(train_state, task, objective, forget, retain, key):
-        del objective, retain, key
-        saliency = jax.tree_util.tree_map(
-            jnp.abs, forget_gradient_sum(task, train_state.params, forget, chunk_size)
-        )
+    def init(params, key, stats):
+        del params, key
+        saliency = jax.tree_util.tree_map(jnp.abs, stats["forget_gradient"].value)
         mask = top_fraction_mask(saliency, fraction)
-        kept = sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(mask))
-        total = sum(int(np.size(m)) for m in jax.tree_util.tree_leaves(mask))
-        return SaliencyState(mask, jnp.asarray(kept / total, jnp.float32))
+        kept = sum(jnp.sum(m) for m in jax.tree_util.tree_leaves(mask))
+        total = sum(_leaf_counts(mask))
+        return SaliencyState(mask, (kept / total).astype(jnp.float32))
 
-    def wrap(inner: ValueAndGrad, state: SaliencyState) -> ValueAndGrad:
-        def masked_value_and_grad(objective, params, ctx, term_states):
-            out, g = inner(objective, params, ctx, term_states)
-            return out, jax.tree_util.tree_map(lambda m, x: jnp.where(m, x, 0), state.mask, g)
-
-        return masked_value_and_grad
+    def update(grads, state, params):
+        del params
+        return jax.tree_util.tree_map(lambda m, g: jnp.where(m, g, 0), state.mask, grads), state
 
     return GradientTransform(
-        "saliency_mask", init, wrap, lambda state: state.mask, {"mask_fraction": fraction}
+        "saliency_mask",
+        init,
+        update=update,
+        update_mask=lambda state: state.mask,
+        statistics={"forget_gradient": Statistic(_forget_gradient_sum, "forget", batch_size)},
+        hparams={"mask_fraction": fraction},
     )
 
 
@@ -253,7 +398,11 @@ __all__ = [
     "GradientTransform",
     "SaliencyState",
     "ValueAndGrad",
-    "forget_gradient_sum",
+    "as_transform",
+    "chain",
+    "from_optax",
+    "identity",
+    "kth_largest",
     "saliency_mask",
     "sam_perturbation",
     "sharpness_aware",
