@@ -9,7 +9,7 @@ Examples:
 """
 
 from unlearn_jax.data.batching import batch_stream, batches, num_batches, padded_batches
-from unlearn_jax.data.dataset import Dataset, Splits
+from unlearn_jax.data.dataset import Dataset, Splits, by_class, concat
 from unlearn_jax.data.facts import FactsData, FactsSplit, QASet, generate_facts
 from unlearn_jax.data.forget import (
     ForgetSplit,
@@ -34,7 +34,9 @@ __all__ = [
     "Tokenizer",
     "batch_stream",
     "batches",
+    "by_class",
     "class_forget",
+    "concat",
     "forget_ids_hash",
     "generate_facts",
     "ids_forget",

@@ -425,3 +425,33 @@ class Splits:
     def kind(self) -> str:
         """``"classification"``, ``"regression"`` or ``"sequence"``."""
         return self.train.kind
+
+
+def concat(first: Dataset, second: Dataset, name: str = "") -> Dataset:
+    """The examples of ``first`` then those of ``second`` as one dataset (same kind and shapes).
+
+    Raises:
+      ValueError: datasets of different kinds, classes or shapes, or ids present in both.
+    """
+    for what, a, b in (
+        ("kind", first.kind, second.kind),
+        ("num_classes", first.num_classes, second.num_classes),
+        ("input shape", first.x.shape[1:], second.x.shape[1:]),
+        ("target shape", first.y.shape[1:], second.y.shape[1:]),
+    ):
+        if a != b:
+            raise ValueError(f"cannot concatenate datasets that differ in {what}: {a} vs {b}.")
+    fields = {
+        "x": np.concatenate([first.x, second.x]),
+        "y": np.concatenate([first.y, second.y]),
+        "ids": np.concatenate([first.ids, second.ids]),
+    }
+    if first.weights is not None:
+        fields["weights"] = np.concatenate([first.weights, second.weights])
+    return dataclasses.replace(first, name=name or f"{first.name}+{second.name}", **fields)
+
+
+def by_class(dataset: Dataset) -> Dataset:
+    """The examples stably sorted by label: grouped class by class, each class in data order."""
+    dataset._require_classification("by_class")
+    return dataset.take(np.argsort(np.asarray(dataset.y), kind="stable"))

@@ -26,7 +26,6 @@ at every step. Every example is seen exactly once per pass.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -43,6 +42,7 @@ from unlearn_jax.core.batch import pad_batch
 from unlearn_jax.core.task import CLASSIFICATION, SEQUENCE, Task
 from unlearn_jax.data.batching import batches as dataset_batches
 from unlearn_jax.data.batching import padded_batches
+from unlearn_jax.data.dataset import by_class, concat
 from unlearn_jax.methods.protocol import (
     FORGET,
     RETAIN,
@@ -190,35 +190,14 @@ def _check_inputs(method: Unlearner, task, params, forget, retain) -> tuple[int,
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def _concat(first, second, name: str):
-    """Two datasets of the same kind as one, ``first`` then ``second`` (host arrays)."""
-    fields = {
-        "x": np.concatenate([first.x, second.x]),
-        "y": np.concatenate([first.y, second.y]),
-        "ids": np.concatenate([first.ids, second.ids]),
-    }
-    if getattr(first, "weights", None) is not None:
-        fields["weights"] = np.concatenate([first.weights, second.weights])
-    return dataclasses.replace(first, name=name, **fields)
-
-
-def _by_class(dataset):
-    """The dataset stably sorted by label (SSD's class-by-class retain sets)."""
-    if dataset.kind != CLASSIFICATION:
-        raise ValueError(
-            f"order='by_class' needs class labels; {dataset.name!r} is {dataset.kind}."
-        )
-    return dataset.take(np.argsort(np.asarray(dataset.y), kind="stable"))
-
-
 def statistic_data(source: str, order: str, forget, retain):
     """The data set a statistic streams over: forget, retain, or retain then forget (``"train"``)."""
-    ordered = (lambda d: _by_class(d)) if order == "by_class" else (lambda d: d)
+    ordered = by_class if order == "by_class" else (lambda d: d)
     if source == FORGET:
         return ordered(forget)
     if source == RETAIN:
         return ordered(retain)
-    return _concat(ordered(retain), ordered(forget), "train")
+    return concat(ordered(retain), ordered(forget), "train")
 
 
 def compute_statistics(
