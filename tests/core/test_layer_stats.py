@@ -145,41 +145,52 @@ def _assert_close(got, want, what):
     np.testing.assert_allclose(got, want, rtol=RTOL_F32, atol=RTOL_F32 * scale, err_msg=what)
 
 
+def _documented_words(key, leaf, role, block, words=2**14):
+    block_key = jax.random.fold_in(jax.random.fold_in(key, leaf), role * 2**24 + block)
+    return np.asarray(jax.random.bits(block_key, (words,), jnp.uint32))
+
+
+def _documented_matrix(key, leaf, role, rows, k, distribution="rademacher", words=2**14):
+    """The module docstring's construction, transcribed: blocks of ``words // k`` rows filled
+    row-major from the words of ``fold_in(fold_in(key, leaf), role * 2**24 + j)``."""
+    per_block = words // k
+    blocks = []
+    for j in range(-(-rows // per_block)):
+        w = _documented_words(key, leaf, role, j, words)[: per_block * k].reshape(per_block, k)
+        if distribution == "rademacher":
+            values = np.where(w & 1, 1.0, -1.0)
+        else:
+            uniform = (w >> 9).astype(np.float64) / 2**23  # the high 23 bits, in [0, 1)
+            lowest = float(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+            values = np.sqrt(2.0) * scipy.special.erfinv(np.maximum(2 * uniform - 1, lowest))
+        blocks.append(values / np.sqrt(k))
+    return np.concatenate(blocks)[:rows]
+
+
 def _reference_projection(plan, grads, proj):
     """Explicit Kronecker products ``(P_in ⊗ P_out)^T vec([G_W; g_b])`` of the materialised
     per-example gradients, then ``sum_l g_l R_l`` over the other leaves, in the documented column
-    order (numpy, float64). The matrices come from the generator the library documents (checked on
-    its own in ``test_projection_matrices_follow_the_documented_construction``), all generated in
-    one compiled call."""
+    order, with the documented matrices (numpy, float64)."""
     index = {k: i for i, k in enumerate(plan.leaf_keys)}
-    kron, dense, wanted = [], [], []
+    columns, dense = [], []
     for spec in plan.layers:
         if spec.kind == capture.SCALE_BIAS:
             dense += [(*spec.path, leaf) for leaf in spec.leaves]
             continue
-        d_in, d_out = spec.matrix
         leaf = (*spec.path, "embedding" if spec.kind == capture.EMBED else "kernel")
-        rows = d_in + 1 if spec.has_bias else d_in
-        kron.append((spec, leaf))
-        wanted += [
-            (index[leaf], layer_stats.P_IN, rows, proj.k_in),
-            (index[leaf], layer_stats.P_OUT, d_out, proj.k_out),
-        ]
-    dense += list(plan.fallback)
-    wanted += [(index[k], layer_stats.DENSE_MATRIX, grads[k][0].size, proj.k_dense) for k in dense]
-    matrices = iter(
-        np.asarray(m, np.float64)
-        for m in jax.jit(lambda key: layer_stats._matrices(key, wanted, proj.distribution))(KEY)
-    )
-    columns = []
-    for spec, leaf in kron:
         g = grads[leaf].reshape(BATCH, *spec.matrix)
         if spec.has_bias:
             g = np.concatenate([g, grads[(*spec.path, "bias")].reshape(BATCH, 1, -1)], axis=1)
-        p_in, p_out = next(matrices), next(matrices)
+        p_in = _documented_matrix(KEY, index[leaf], 0, g.shape[1], proj.k_in)
+        p_out = _documented_matrix(KEY, index[leaf], 1, g.shape[2], proj.k_out)
         columns.append(g.reshape(BATCH, -1) @ np.kron(p_in, p_out))
+    dense += list(plan.fallback)
     if dense:
-        columns.append(sum(grads[k].reshape(BATCH, -1) @ next(matrices) for k in dense))
+        columns.append(sum(
+            grads[k].reshape(BATCH, -1)
+            @ _documented_matrix(KEY, index[k], 2, grads[k][0].size, proj.k_dense)
+            for k in dense
+        ))  # fmt: skip
     return np.concatenate(columns, axis=1)
 
 
@@ -292,40 +303,21 @@ def test_sampled_fisher_uses_targets_drawn_from_the_model(kind):
     jax.tree_util.tree_map(lambda a, b: _assert_close(a, b, kind), got, want)
 
 
-def _documented_words(key, leaf, role, block, words):
-    block_key = jax.random.fold_in(jax.random.fold_in(key, leaf), role * 2**24 + block)
-    return np.asarray(jax.random.bits(block_key, (words,), jnp.uint32))
-
-
-def test_dense_projection_blocks_equal_the_explicit_matrix(monkeypatch):
-    # 12 words per block: 2 rows of k_dense = 5; a 7-row matrix takes 4 blocks, the last partial.
-    monkeypatch.setattr(layer_stats, "_WORDS", 12)
-    rng = np.random.default_rng(6)
-    g = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)
-    key = jax.random.key(7)
-    matrix = layer_stats.dense_projection_matrix(key, 4, 7, PROJECTION)
-    assert matrix.shape == (7, PROJECTION.k_dense)
-    # Rows 2-3 are block 1: the low bits of its first 10 words, row-major, +-1/sqrt(5).
-    words = _documented_words(key, 4, layer_stats.DENSE_MATRIX, 1, 12)[:10].reshape(2, 5)
-    np.testing.assert_allclose(
-        matrix[2:4], np.where(words & 1, 1.0, -1.0) / np.sqrt(5.0), rtol=1e-6
-    )
-    got = layer_stats._dense_scan([g], [4], key, PROJECTION)
-    _assert_close(got, g @ matrix, "dense projection block by block")
-
-
-def test_projection_matrices_follow_the_documented_construction():
+def test_projection_matrices_follow_the_documented_construction(monkeypatch):
     key = jax.random.key(8)
     p_in, p_out = layer_stats.kronecker_projection_matrices(key, 2, 6, 5, PROJECTION)
-    words = _documented_words(key, 2, layer_stats.P_OUT, 0, 2**14)
-    want = np.where(words[:10].reshape(5, 2) & 1, 1.0, -1.0) / np.sqrt(2.0)
-    np.testing.assert_allclose(p_out, want, rtol=1e-6)  # 1/sqrt(2) rounded to float32
-    np.testing.assert_allclose(np.abs(p_in), 1 / np.sqrt(3.0), rtol=1e-6)
+    np.testing.assert_allclose(p_in, _documented_matrix(key, 2, 0, 6, 3), rtol=1e-6)
+    np.testing.assert_allclose(p_out, _documented_matrix(key, 2, 1, 5, 2), rtol=1e-6)
     gauss = layer_stats.projection_matrix(key, 2, layer_stats.P_IN, 6, 4, "gaussian")
-    words = _documented_words(key, 2, layer_stats.P_IN, 0, 2**14)[:24].reshape(6, 4)
-    uniform = ((words >> 9).astype(np.float64)) / 2**23  # the high 23 bits as a float in [0, 1)
-    want = np.sqrt(2.0) * scipy.special.erfinv(2 * uniform - 1) / 2.0
-    np.testing.assert_allclose(gauss, want, rtol=1e-5, atol=1e-6)
+    want = _documented_matrix(key, 2, 0, 6, 4, "gaussian")
+    np.testing.assert_allclose(gauss, want, rtol=1e-5, atol=1e-6)  # float32 erfinv
+    # 12 words per block: 2 rows of k_dense = 5; a 7-row matrix takes 4 blocks, the last partial.
+    monkeypatch.setattr(layer_stats, "_WORDS", 12)
+    matrix = layer_stats._matrices(key, [(4, layer_stats.DENSE_MATRIX, 7, 5)], "rademacher")[0]
+    np.testing.assert_allclose(matrix, _documented_matrix(key, 4, 2, 7, 5, words=12), rtol=1e-6)
+    g = jnp.asarray(np.random.default_rng(6).normal(size=(3, 7)), jnp.float32)
+    got = layer_stats._dense_scan([g], [4], key, PROJECTION)  # block by block inside a scan
+    _assert_close(got, np.asarray(g, np.float64) @ np.asarray(matrix, np.float64), "dense scan")
 
 
 def test_compiled_once_per_configuration():

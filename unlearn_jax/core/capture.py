@@ -164,7 +164,9 @@ def as_capture_model(model: Any) -> CaptureModel:
     """A :class:`CaptureModel` from a :class:`Task`, a ``(module, output_loss)`` pair or itself.
 
     A ``Task`` built by ``flax_task`` / ``models.model_task`` carries its module; one without
-    (``Task(apply=...)``) can only use the generic path.
+    (``Task(apply=...)``) can only use the generic path. Compiled statistics are cached on the
+    module and the loss: pass the same ``output_loss`` function object every time (a new lambda
+    per call compiles again).
 
     Raises:
       TypeError: for anything else.

@@ -355,7 +355,7 @@ def projection_matrix(
     """The ``[rows, k]`` projection matrix of leaf ``leaf_index`` in ``role`` (``P_IN``, ``P_OUT``
     or ``DENSE_MATRIX``), exactly as the statistics generate it (module docstring)."""
     _validate.one_of("projection distribution", distribution, DISTRIBUTIONS)
-    (matrix,) = _matrices(key, [(leaf_index, role, rows, k)], distribution)
+    (matrix,) = _compiled_matrices(key, ((leaf_index, role, rows, k),), distribution)
     return matrix
 
 
@@ -364,11 +364,11 @@ def kronecker_projection_matrices(
 ) -> tuple[jax.Array, jax.Array]:
     """``(P_in [d_in, k_in], P_out [d_out, k_out])`` of the Kronecker layer whose kernel (or
     embedding) is leaf ``leaf_index``; ``d_in`` counts the bias row when the layer has a bias."""
-    wanted = [
+    wanted = (
         (leaf_index, P_IN, d_in, projection.k_in),
         (leaf_index, P_OUT, d_out, projection.k_out),
-    ]
-    p_in, p_out = _matrices(key, wanted, projection.distribution)
+    )
+    p_in, p_out = _compiled_matrices(key, wanted, projection.distribution)
     return p_in, p_out
 
 
@@ -935,6 +935,10 @@ def _matrices(key: jax.Array, wanted: list, distribution: str) -> list[jax.Array
         matrices.append(values.reshape(-1, k)[:rows])
         start += n_blocks
     return matrices
+
+
+# The explicit matrices of the public helpers: one compiled generator per request.
+_compiled_matrices = jax.jit(_matrices, static_argnames=("wanted", "distribution"))
 
 
 def _dense_scan(rows: list, leaves: list, key: jax.Array, proj: Projection) -> jax.Array:
