@@ -192,7 +192,8 @@ def ggn_vp(
     product with ``H_out`` and one VJP; neither ``J`` nor ``G`` is formed.
 
     Args:
-      outputs_fn: ``outputs_fn(params, example) -> [K]``, the outputs (logits) of ONE example.
+      outputs_fn: ``outputs_fn(params, example) -> [K]``, the outputs (logits) of ONE example
+        (``[T, K]`` for a sequence: ``"cross_entropy"`` then applies per position).
       params: the linearisation point.
       batch: the examples.
       v: a pytree like ``params``.
@@ -208,8 +209,11 @@ def ggn_vp(
     _validate.same_structure(params, v, "params", "v")
     example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), batch)
     out_shape = jax.eval_shape(outputs_fn, params, example).shape
-    if len(out_shape) != 1:
-        raise TypeError(f"outputs_fn must return a vector [K] for one example, got {out_shape}.")
+    if len(out_shape) < 1:
+        raise TypeError(
+            f"outputs_fn must return outputs [K] (or [T, K] per position) for one example, got a "
+            f"scalar of shape {out_shape}."
+        )
 
     def summed_ggn(sub_batch):
         f = lambda p: jax.vmap(outputs_fn, in_axes=(None, 0))(p, sub_batch)

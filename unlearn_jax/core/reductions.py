@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from unlearn_jax import _validate
 from unlearn_jax.core.batch import MASK, batch_rows, pad_batch, row_mask
 from unlearn_jax.core.grads import chunked_sum
+from unlearn_jax.sharding.placement import Frozen, Placement
 
 Params = Any
 Batch = dict[str, Any]
@@ -74,21 +75,52 @@ class Reduction(NamedTuple):
 
 
 # ---- the runner -----------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("fn", "stacked"))
-def _init(params, *, fn, stacked):
-    return jax.vmap(fn)(params) if stacked else fn(params)
+@functools.cache
+def _compiled(reduction: Reduction, stacked: bool, shardings: Frozen | None):
+    """``(init, accumulate, finalize)`` jitted once per reduction, model axis and placement.
+
+    ``shardings`` (a frozen ``(params, acc, batch, out)`` tuple) pins the accumulator to the
+    parameters' layout and the batch to the mesh's batch axes; the accumulator is donated.
+    """
+
+    def init(params):
+        return jax.vmap(reduction.init)(params) if stacked else reduction.init(params)
+
+    def accumulate(acc, params, batch, key):
+        if stacked:
+            return jax.vmap(reduction.accumulate, in_axes=(0, 0, None, None))(
+                acc, params, batch, key
+            )
+        return reduction.accumulate(acc, params, batch, key)
+
+    def finalize(acc):
+        return jax.vmap(reduction.finalize)(acc) if stacked else reduction.finalize(acc)
+
+    if shardings is None:
+        return jax.jit(init), jax.jit(accumulate, donate_argnums=(0,)), jax.jit(finalize)
+    params_sh, acc_sh, batch_sh, out_sh = shardings.tree
+    return (
+        jax.jit(init, in_shardings=(params_sh,), out_shardings=acc_sh),
+        jax.jit(
+            accumulate,
+            in_shardings=(acc_sh, params_sh, batch_sh, None),
+            out_shardings=acc_sh,
+            donate_argnums=(0,),
+        ),
+        jax.jit(finalize, in_shardings=(acc_sh,), out_shardings=out_sh),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "stacked"), donate_argnums=(0,))
-def _accumulate(acc, params, batch, key, *, fn, stacked):
-    if stacked:
-        return jax.vmap(fn, in_axes=(0, 0, None, None))(acc, params, batch, key)
-    return fn(acc, params, batch, key)
-
-
-@functools.partial(jax.jit, static_argnames=("fn", "stacked"))
-def _finalize(acc, *, fn, stacked):
-    return jax.vmap(fn)(acc) if stacked else fn(acc)
+def _shardings(reduction, params, stacked, placement: Placement | None, batch) -> Frozen | None:
+    if placement is None:
+        return None
+    init = jax.vmap(reduction.init) if stacked else reduction.init
+    finalize = jax.vmap(reduction.finalize) if stacked else reduction.finalize
+    acc_shapes = jax.eval_shape(init, params)
+    out_shapes = jax.eval_shape(finalize, acc_shapes)
+    batch_sh = jax.tree_util.tree_map(lambda _: placement.batch(), batch)
+    return Frozen((placement.of(params), placement.of(acc_shapes), batch_sh,
+                   placement.of(out_shapes)))  # fmt: skip
 
 
 def _bucket(rows: int) -> int:
@@ -113,6 +145,7 @@ def reduce(
     key: jax.Array | None = None,
     rows: int | None = None,
     stacked: bool = False,
+    placement: Placement | None = None,
 ) -> Reduced:
     """Runs ``reduction`` over ``batches`` and returns its finalized :class:`Reduced`.
 
@@ -127,6 +160,9 @@ def reduce(
       rows: pad every batch to this many rows (default: the first batch's size; a larger batch
         later is padded to the next power of two). Padding never changes the statistic.
       stacked: ``params`` hold ``M`` models; every leaf of the result then has a leading ``M``.
+      placement: a :class:`~unlearn_jax.sharding.Placement`: the parameters keep their sharding,
+        each batch is split over the mesh's batch axes (``rows`` a multiple of their devices), the
+        accumulator and the result get shardings from their shapes; ``None``: plain ``jit``.
 
     Returns:
       ``Reduced(value, count)``.
@@ -141,28 +177,25 @@ def reduce(
     if reduction.uses_key and key is None:
         raise ValueError(f"the reduction {reduction.name!r} samples: pass key=jax.random.key(...).")
     base_key = jax.random.key(0) if key is None else key
-    acc = None
+    multiple = 1 if placement is None else placement.batch_size_multiple
+    acc = compiled = None
     for index, batch in enumerate(_iter(batches, "reduce")):
         n = batch_rows(batch, f"batch {index}")
         if rows is None:
             rows = n
         elif n > rows:
             rows = _bucket(n)
+        rows = -(-rows // multiple) * multiple
         padded = pad_batch(dict(batch), rows)
-        if acc is None:
-            acc = _init(params, fn=reduction.init, stacked=stacked)
-        acc = _accumulate(
-            acc,
-            params,
-            padded,
-            jax.random.fold_in(base_key, index),
-            fn=reduction.accumulate,
-            stacked=stacked,
-        )
+        if compiled is None:
+            compiled = _compiled(
+                reduction, stacked, _shardings(reduction, params, stacked, placement, padded)
+            )
+            acc = compiled[0](params)
+        acc = compiled[1](acc, params, padded, jax.random.fold_in(base_key, index))
     if acc is None:
         raise ValueError(f"{reduction.name}: got no batches; the data must hold an example.")
-    out = _finalize(acc, fn=reduction.finalize, stacked=stacked)
-    return out
+    return compiled[2](acc)
 
 
 def reduce_shapes(reduction: Reduction, params: Params) -> Reduced:

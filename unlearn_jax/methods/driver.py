@@ -51,6 +51,8 @@ from unlearn_jax.methods.protocol import (
     check_unlearner,
     run_length,
 )
+from unlearn_jax.sharding.placement import Frozen, Placement
+from unlearn_jax.sharding.placement import placement as make_placement
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -211,6 +213,7 @@ def compute_statistics(
     key: jax.Array,
     given: Mapping[str, reductions.Reduced] | None = None,
     stacked: bool = False,
+    placement: Placement | None = None,
 ) -> dict[str, reductions.Reduced]:
     """The statistics ``method`` declares, by streaming reductions over the data.
 
@@ -222,6 +225,7 @@ def compute_statistics(
       key: PRNG key; statistic ``i`` (in declaration order) uses ``fold_in(key, i)``.
       given: statistics already computed (e.g. cached at training time), used as they are.
       stacked: ``params`` hold ``M`` models; every statistic gets a leading model axis.
+      placement: a :class:`~unlearn_jax.sharding.Placement` (statistics computed sharded).
 
     Returns:
       ``{name: Reduced}`` for every declared statistic.
@@ -244,6 +248,8 @@ def compute_statistics(
         dataset = statistic_data(stat.over, stat.order, forget, retain)
         # Always the full batch size, the last batch padded: a request of any size compiles nothing.
         rows = stat.batch_size or batch_size
+        if placement is not None:
+            rows = -(-rows // placement.batch_size_multiple) * placement.batch_size_multiple
         out[name] = reductions.reduce(
             stat.reduction(task),
             params,
@@ -251,6 +257,7 @@ def compute_statistics(
             key=jax.random.fold_in(key, i),
             rows=rows,
             stacked=stacked,
+            placement=placement,
         )
     return out
 
@@ -304,21 +311,57 @@ def _plan(method: Unlearner, n_forget, n_retain, steps, epochs, batch_size):
     return forget_rows, retain_rows, total, plan
 
 
-# ---- compiled pieces (module level: cached across calls, keyed on the method's functions) ------------
-@functools.partial(jax.jit, static_argnames=("init", "task", "stacked"))
-def _init(params, key, stats, plan, *, init, task, stacked):
-    if stacked:
-        return jax.vmap(lambda p, s: init(task, p, key, s, plan))(params, stats)
-    return init(task, params, key, stats, plan)
+# ---- compiled pieces (cached across calls, keyed on the method's functions and the placement) -------
+@functools.cache
+def _compiled(init, update, task, stacked: bool, shardings: Frozen | None):
+    """``(init, update)`` jitted once per method, task, model axis and placement.
+
+    ``update`` donates the parameters and the method state. Under a placement, ``shardings`` is
+    ``(params, state, stats, forget batch, retain batch)``: both outputs keep their inputs'
+    shardings (the invariant optax keeps), the metrics are replicated.
+    """
+
+    def init_fn(params, key, stats, plan):
+        if stacked:
+            return jax.vmap(lambda p, s: init(task, p, key, s, plan))(params, stats)
+        return init(task, params, key, stats, plan)
+
+    def update_fn(params, state, forget_batch, retain_batch, key):
+        if stacked:
+            return jax.vmap(lambda p, s: update(task, p, s, forget_batch, retain_batch, key))(
+                params, state
+            )
+        return update(task, params, state, forget_batch, retain_batch, key)
+
+    if shardings is None:
+        return jax.jit(init_fn), jax.jit(update_fn, donate_argnums=(0, 1))
+    params_sh, state_sh, stats_sh, forget_sh, retain_sh = shardings.tree
+    return (
+        jax.jit(init_fn, in_shardings=(params_sh, None, stats_sh, None), out_shardings=state_sh),
+        jax.jit(
+            update_fn,
+            in_shardings=(params_sh, state_sh, forget_sh, retain_sh, None),
+            out_shardings=(params_sh, state_sh, None),
+            donate_argnums=(0, 1),
+        ),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("update", "task", "stacked"), donate_argnums=(0, 1))
-def _update(params, state, forget_batch, retain_batch, key, *, update, task, stacked):
-    if stacked:
-        return jax.vmap(lambda p, s: update(task, p, s, forget_batch, retain_batch, key))(
-            params, state
-        )
-    return update(task, params, state, forget_batch, retain_batch, key)
+def _shardings(method, task, params, key, stats, plan, stacked, placement) -> Frozen | None:
+    """The frozen shardings of :func:`_compiled` for a run under ``placement``."""
+    if placement is None:
+        return None
+
+    def init_shapes(p, s):
+        if stacked:
+            return jax.vmap(lambda p1, s1: method.init(task, p1, key, s1, plan))(p, s)
+        return method.init(task, p, key, s, plan)
+
+    state_shapes = jax.eval_shape(init_shapes, params, stats)
+    # One sharding for every leaf of a batch (a pytree prefix): the leading axis over the batch axes.
+    batch = lambda side: placement.batch() if side in method.feeds.batches else None
+    return Frozen((placement.of(params), placement.of(state_shapes), placement.of(stats),
+                   batch(FORGET), batch(RETAIN)))  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("stacked",))
@@ -393,6 +436,7 @@ def _run(
     progress,
     stats,
     stacked: bool,
+    placement: Placement | None,
 ):
     """The shared body of :func:`unlearn` and :func:`unlearn_many`."""
     _validate.positive_int(check_every=check_every)
@@ -408,19 +452,28 @@ def _run(
     forget_rows, retain_rows, total, plan = _plan(
         method, n_forget, n_retain, steps, epochs, batch_size
     )
+    if placement is not None:
+        # Batches are split over the mesh's batch axes: their rows a multiple of those devices.
+        multiple = placement.batch_size_multiple
+        forget_rows, retain_rows = (
+            -(-r // multiple) * multiple for r in (forget_rows, retain_rows)
+        )
+        params = placement.put(params)
     stats_key, init_key, forget_key, retain_key, step_key = jax.random.split(key, 5)
     hparams = dict(method.hparams, steps=total, batch_size=forget_rows, epochs=epochs)
 
     start = time.perf_counter()
     statistics = compute_statistics(
         method, task, params, forget, retain, batch_size=batch_size, key=stats_key, given=stats,
-        stacked=stacked,
+        stacked=stacked, placement=placement,
     )  # fmt: skip
     if method.checks is not None and method.checks.stats is not None:
         method.checks.stats(statistics)
-    method_state = _init(
-        params, init_key, statistics, plan, init=method.init, task=task, stacked=stacked
-    )
+    init_fn, update_fn = _compiled(
+        method.init, method.update, task, stacked,
+        _shardings(method, task, params, init_key, statistics, plan, stacked, placement),
+    )  # fmt: skip
+    method_state = init_fn(params, init_key, statistics, plan)
     params, method_state = _strongly_typed(_copy(params)), _strongly_typed(_copy(method_state))
     feeds = method.feeds
     forget_stream = (
@@ -441,10 +494,10 @@ def _run(
         for step in range(total):
             fb = next(forget_stream) if forget_stream is not None else None
             rb = next(retain_stream) if retain_stream is not None else None
-            params, method_state, metrics = _update(
-                params, method_state, fb, rb, jax.random.fold_in(step_key, step),
-                update=method.update, task=task, stacked=stacked,
-            )  # fmt: skip
+            if placement is not None:
+                fb, rb = placement.put_batch(fb), placement.put_batch(rb)
+            step_key_t = jax.random.fold_in(step_key, step)
+            params, method_state, metrics = update_fn(params, method_state, fb, rb, step_key_t)
             pending.append(metrics)
             bar.update(1)
             if len(pending) == check_every or step == total - 1:
@@ -498,6 +551,9 @@ def unlearn(
     stats: Mapping[str, reductions.Reduced] | None = None,
     check_every: int = 50,
     progress: bool | None = None,
+    mesh=None,
+    rules=None,
+    logical=None,
 ) -> UnlearnResult:
     """Runs ``method`` on ``state`` to remove ``forget`` (keeping ``retain``).
 
@@ -517,6 +573,14 @@ def unlearn(
         declares in ``feeds.statistics``; the others are computed here.
       check_every: steps between checks of the losses for NaN/inf (each check is one host copy).
       progress: a tqdm progress bar (``None``: only when stderr is a terminal).
+      mesh: a ``jax.sharding.Mesh`` (axes among ``data``, ``fsdp``, ``tensor``) to run on: the
+        parameters are placed by ``rules`` (:class:`~unlearn_jax.sharding.ShardingRules`, default
+        :data:`~unlearn_jax.sharding.DEFAULT_RULES`; ``logical``: the parameters' Flax logical axis
+        names, :func:`~unlearn_jax.sharding.logical_axes`), the method state and the statistics get
+        shardings from their shapes, batches are split over the batch axes (their rows rounded up
+        to a multiple of those devices), and every compiled step returns the parameters and the
+        method state with the shardings they came in with. ``None``: no mesh (the library never
+        creates one).
 
     Returns:
       An :class:`UnlearnResult`.
@@ -533,12 +597,13 @@ def unlearn(
         return method.run(
             unlearn, state, task, forget, retain, key=key, batch_size=batch_size,
             check_every=check_every, progress=progress, steps=steps, epochs=epochs, stats=stats,
+            mesh=mesh, rules=rules, logical=logical,
         )  # fmt: skip
     method = check_unlearner(method)
     out_state, method_state, arrays, wall, total, hparams = _run(
         method, state, task, forget, retain, key=key, steps=steps, epochs=epochs,
         batch_size=batch_size, check_every=check_every, progress=progress, stats=stats,
-        stacked=False,
+        stacked=False, placement=make_placement(mesh, rules, logical),
     )  # fmt: skip
     return UnlearnResult(
         out_state, method_state, arrays, wall, total, method.name, hparams, method.guarantee
@@ -558,6 +623,9 @@ def unlearn_many(
     batch_size: int = 64,
     stats: Mapping[str, reductions.Reduced] | None = None,
     check_every: int = 50,
+    mesh=None,
+    rules=None,
+    logical=None,
 ) -> UnlearnManyResult:
     """Runs ``method`` on ``M`` stacked models at once (e.g. the originals of several seeds).
 
@@ -568,8 +636,8 @@ def unlearn_many(
     every method.
 
     Args:
-      method, task, forget, retain, key, steps, epochs, batch_size, check_every: as in
-        :func:`unlearn`; ``stats`` as there, each with a leading model axis.
+      method, task, forget, retain, key, steps, epochs, batch_size, check_every, mesh, rules,
+        logical: as in :func:`unlearn`; ``stats`` as there, each with a leading model axis.
       states: a ``TrainState`` whose param leaves carry a leading model axis ``M`` (from
         :func:`unlearn_jax.training.fit_many`).
 
@@ -591,12 +659,13 @@ def unlearn_many(
         return method.run(
             unlearn_many, states, task, forget, retain, key=key, batch_size=batch_size,
             check_every=check_every, steps=steps, epochs=epochs, stats=stats,
+            mesh=mesh, rules=rules, logical=logical,
         )  # fmt: skip
     method = check_unlearner(method)
     out_states, method_states, arrays, wall, total, hparams = _run(
         method, states, task, forget, retain, key=key, steps=steps, epochs=epochs,
         batch_size=batch_size, check_every=check_every, progress=False, stats=stats,
-        stacked=True,
+        stacked=True, placement=make_placement(mesh, rules, logical),
     )  # fmt: skip
     return UnlearnManyResult(
         out_states, method_states, arrays, wall, total, method.name, hparams, method.guarantee

@@ -5,6 +5,8 @@
 * :mod:`unlearn_jax.sharding.rules`: :class:`ShardingRules` (logical axis names -> mesh axes, an
   FSDP fallback, explicit path overrides), :func:`partition_specs`, :func:`shardings_for`,
   :func:`shard_state`, :func:`sharded_init`, :func:`logical_axes`.
+* :mod:`unlearn_jax.sharding.placement`: :class:`Placement` (mesh + rules + logical names), what
+  the library's jitted steps (statistics, ``unlearn``, ``fit``) take as ``mesh=``/``rules=``.
 
 A sharded training step, end to end::
 
@@ -30,6 +32,7 @@ from unlearn_jax.sharding.mesh import (
     replicate,
     shard_batch,
 )
+from unlearn_jax.sharding.placement import Frozen, Placement, placement
 from unlearn_jax.sharding.rules import (
     DEFAULT_LOGICAL_AXES,
     DEFAULT_RULES,
@@ -49,6 +52,8 @@ __all__ = [
     "FSDP_AXIS",
     "MESH_AXES",
     "TENSOR_AXIS",
+    "Frozen",
+    "Placement",
     "ShardingRules",
     "batch_axes",
     "batch_sharding",
@@ -56,6 +61,7 @@ __all__ = [
     "logical_axes",
     "make_mesh",
     "partition_specs",
+    "placement",
     "replicate",
     "shard_batch",
     "shard_state",
