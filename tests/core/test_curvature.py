@@ -154,3 +154,42 @@ def test_curvature_products_reject_mismatched_vectors():
         curvature.ggn_vp(logits_fn, params, batch, bad)
     with pytest.raises(ValueError, match="unknown GGN loss"):
         curvature.ggn_vp(logits_fn, params, batch, params, loss="hinge")
+
+
+def test_flax_tasks_take_the_per_layer_path_automatically(monkeypatch):
+    """diag_fisher, diag_fisher_sampled and per_example_grad_norms of ``task.loss`` of a Flax model
+    go through the per-layer captures (no per-example gradient formed) and equal the generic path;
+    ``method="generic"`` forces the reference."""
+    from unlearn_jax.core import grads, layer_stats
+    from unlearn_jax.models import MLP, model_task
+
+    model = MLP(num_outputs=3, hidden_sizes=(8,))
+    task = model_task(model)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 3, 12))}  # fmt: skip
+    params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+    calls = []
+    for name in ("diag_fisher_sum", "per_example_norms", "diag_fisher_sampled_sum"):
+        real = getattr(layer_stats, name)
+        monkeypatch.setattr(
+            layer_stats,
+            name,
+            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k),
+        )
+    halves = [jax.tree_util.tree_map(lambda a, s=s: a[s : s + 6], batch) for s in (0, 6)]
+    fast = curvature.diag_fisher(task.loss, params, halves)
+    slow = curvature.diag_fisher(task.loss, params, halves, method="generic")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-9),
+                           fast, slow)  # fmt: skip
+    norms = grads.per_example_grad_norms(task.loss, params, batch)
+    want = grads.per_example_grad_norms(task.loss, params, batch, method="generic")
+    np.testing.assert_allclose(norms, want, rtol=2e-5)
+    sampled = curvature.diag_fisher_sampled(task.outputs, params, halves, jax.random.key(1),
+                                            num_samples=64)  # fmt: skip
+    reference = curvature.diag_fisher_sampled(task.outputs, params, halves, jax.random.key(1),
+                                              num_samples=64, method="generic")  # fmt: skip
+    # Other draws of the same estimator: equal in expectation (64 draws per example).
+    total = lambda t: sum(float(jnp.sum(a)) for a in jax.tree_util.tree_leaves(t))
+    assert abs(total(sampled) - total(reference)) < 0.2 * total(reference)
+    assert {"diag_fisher_sum", "per_example_norms", "diag_fisher_sampled_sum"} <= set(calls)

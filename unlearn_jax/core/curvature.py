@@ -50,7 +50,12 @@ def _checked(batches: Iterable[Batch], loss_fn, params, fn_name: str):
 
 
 def diag_fisher(
-    loss_fn: LossFn, params: Params, batches: Iterable[Batch], *, chunk_size: int | None = None
+    loss_fn: LossFn,
+    params: Params,
+    batches: Iterable[Batch],
+    *,
+    chunk_size: int | None = None,
+    method: str = "auto",
 ) -> Params:
     """Empirical diagonal Fisher ``F = (1/N) sum_{i=1}^N g_i ** 2`` over every example of ``batches``.
 
@@ -65,6 +70,9 @@ def diag_fisher(
       params: parameters, any pytree.
       batches: an iterable of batches (pytrees with a leading batch axis); batch sizes may differ.
       chunk_size: per-example gradients computed this many at a time.
+      method: ``"auto"``: for ``task.loss`` of a Flax task, the per-layer statistics (one forward and
+        one backward pass per batch, no per-example gradient formed:
+        :mod:`unlearn_jax.core.layer_stats`); ``"generic"`` forces per-example gradients.
 
     Returns:
       A pytree like ``params``: the mean over all ``N`` examples of the squared per-example gradients.
@@ -72,7 +80,7 @@ def diag_fisher(
     Raises:
       ValueError: no batches; TypeError: a single batch instead of an iterable, a non-scalar loss.
     """
-    reduction = reductions.squared_gradient_mean(loss_fn, chunk_size)
+    reduction = reductions.squared_gradient_mean(loss_fn, chunk_size, method)
     return reductions.reduce(
         reduction, params, _checked(batches, loss_fn, params, "diag_fisher")
     ).value
@@ -86,6 +94,7 @@ def diag_fisher_sampled(
     *,
     num_samples: int = 1,
     chunk_size: int | None = None,
+    method: str = "auto",
 ) -> Params:
     """Model ("true") diagonal Fisher of a classifier, labels sampled from its own softmax.
 
@@ -101,8 +110,10 @@ def diag_fisher_sampled(
       key: PRNG key; batch ``m`` uses ``fold_in(key, m)``, so results are deterministic given ``key``.
       num_samples: label draws ``S`` per example.
       chunk_size: bounds the per-example gradients held at once.
+      method: ``"auto"``: per-layer statistics for ``task.outputs`` of a Flax classification task
+        (the same estimator, other draws); ``"generic"``: per-example gradients.
     """
-    reduction = reductions.sampled_fisher(logits_fn, num_samples, chunk_size)
+    reduction = reductions.sampled_fisher(logits_fn, num_samples, chunk_size, method)
     batches = _checked(batches, None, params, "diag_fisher_sampled")
     return reductions.reduce(reduction, params, batches, key=key).value
 

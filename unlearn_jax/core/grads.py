@@ -34,6 +34,7 @@ from jax import lax
 
 from unlearn_jax import _validate
 from unlearn_jax.core.cpu_rewrites import auto_chunk_size, use_rewrite, with_strategy
+from unlearn_jax.core.task import flax_task_of
 
 Params = Any
 Batch = Any
@@ -200,14 +201,27 @@ def per_example_grad_norms(
     *,
     chunk_size: int | None = None,
     strategy: str = "auto",
+    method: str = "auto",
 ) -> jax.Array:
     """L2 norms ``||g_i||_2`` of the per-example gradients over ALL parameters, shape ``[B]``.
 
-    With ``chunk_size`` set, only ``chunk_size`` gradients exist at any time: each chunk's gradients
-    are reduced to norms before the next chunk is formed. ``strategy`` is as in
+    With ``method="auto"`` and ``loss_fn`` the ``loss`` of a Flax task, the norms come from per-layer
+    captures without forming any per-example gradient (the "ghost norm" ``||a_i|| ||d_i||`` of a
+    dense layer, Gram forms for sequences and convolutions:
+    :func:`unlearn_jax.core.layer_stats.per_example_norms`). Otherwise (``method="generic"``) with
+    ``chunk_size`` set, only ``chunk_size`` gradients exist at any time: each chunk's gradients are
+    reduced to norms before the next chunk is formed. ``strategy`` is as in
     :func:`per_example_grads`.
     """
+    _validate.one_of("method", method, ("auto", "generic"))
     check_loss_fn(loss_fn, params, batch)
+    model = flax_task_of(loss_fn) if method == "auto" else None
+    if model is not None:
+        from unlearn_jax.core import layer_stats  # local: layer_stats builds on this module
+
+        return layer_stats.per_example_norms(
+            model, params, batch, chunk_size=chunk_size, strategy=strategy
+        )
     grad_fn = jax.grad(loss_fn)
     return chunked_map(
         lambda example: optax.tree.norm(grad_fn(params, example)),

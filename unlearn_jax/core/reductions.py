@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from unlearn_jax import _validate
 from unlearn_jax.core.batch import MASK, batch_rows, pad_batch, row_mask
 from unlearn_jax.core.grads import chunked_sum
+from unlearn_jax.core.task import flax_task_of
 from unlearn_jax.sharding.placement import Frozen, Placement
 
 Params = Any
@@ -276,18 +277,37 @@ def mean_gradient(loss_fn: LossFn) -> Reduction:
 
 
 # ---- diagonal Fisher and importances ---------------------------------------------------------------
+METHODS = ("auto", "generic")
+
+
 @functools.cache
-def squared_gradient_mean(loss_fn: LossFn, chunk_size: int | None = None) -> Reduction:
+def squared_gradient_mean(
+    loss_fn: LossFn, chunk_size: int | None = None, method: str = "auto"
+) -> Reduction:
     r"""The empirical diagonal Fisher :math:`F = \frac1n \sum_i m_i\, g_i \odot g_i` (per example).
 
-    Per-example gradients are formed ``chunk_size`` at a time and squared at once, so at most
-    ``chunk_size`` of them exist. Independent of how the data are cut into batches.
+    With ``method="auto"`` and ``loss_fn`` the ``loss`` of a Flax task (``task.loss`` of
+    :func:`~unlearn_jax.core.task.flax_task` / ``models.model_task``), the sum of squares comes from
+    per-layer captures, one forward and one backward pass per batch, never forming a per-example
+    gradient (:func:`unlearn_jax.core.layer_stats.diag_fisher_sum`; layers it does not know fall back
+    per leaf). Otherwise (``method="generic"``, or any other loss) per-example gradients are formed
+    ``chunk_size`` at a time and squared at once. Both are exact; neither depends on how the data
+    are cut into batches.
     """
     _validate.positive_int(chunk_size=chunk_size)
+    _validate.one_of("Fisher method", method, METHODS)
+    model = flax_task_of(loss_fn) if method == "auto" else None
 
     def accumulate(acc, params, batch, key):
         del key
-        part = _per_example_sum(jnp.square, loss_fn, params, batch, chunk_size)
+        if model is not None:
+            from unlearn_jax.core import (
+                layer_stats,
+            )  # local: layer_stats imports this module's deps
+
+            part = layer_stats.diag_fisher_sum(model, params, batch, chunk_size=chunk_size)
+        else:
+            part = _per_example_sum(jnp.square, loss_fn, params, batch, chunk_size)
         return {"sum": _add(acc["sum"], part), "count": acc["count"] + jnp.sum(row_mask(batch))}
 
     return Reduction(_sum_acc, accumulate, _mean_finalize, "squared_gradient_mean")
@@ -353,6 +373,7 @@ def sampled_fisher(
     logits_fn: Callable[[Params, Any], jax.Array],
     num_samples: int = 1,
     chunk_size: int | None = None,
+    method: str = "auto",
 ) -> Reduction:
     r"""The model ("true") diagonal Fisher of a classifier, labels drawn from its own softmax.
 
@@ -360,10 +381,17 @@ def sampled_fisher(
               \bigl(\nabla_\theta -\log\operatorname{softmax}(f_i(\theta))_{y_{is}}\bigr)^{\odot 2},
               \qquad y_{is} \sim \operatorname{Categorical}(\operatorname{softmax}(f_i(\theta)))
 
-    ``logits_fn(params, example) -> [C]``; labels are never read. Example ``i`` of a batch draws
-    with ``fold_in(batch_key, i)`` split ``S`` ways.
+    ``logits_fn(params, example) -> [C]``; labels are never read. Generic path: example ``i`` of a
+    batch draws with ``fold_in(batch_key, i)`` split ``S`` ways. With ``method="auto"`` and
+    ``logits_fn`` the ``outputs`` of a Flax classification task, per-layer captures give the sum
+    (:func:`unlearn_jax.core.layer_stats.diag_fisher_sampled_sum`: one forward pass, ``S`` backward
+    passes, draw ``s`` of a batch from ``fold_in(batch_key, s)``): the same estimator, other draws.
     """
     _validate.positive_int(num_samples=num_samples, chunk_size=chunk_size)
+    _validate.one_of("Fisher method", method, METHODS)
+    model = flax_task_of(logits_fn) if method == "auto" else None
+    if model is not None and model.kind != "classification":
+        model = None  # the generic path below samples class labels of [C] logits
 
     def sq_grad(params, example, key):
         logits = logits_fn(params, example)
@@ -381,6 +409,13 @@ def sampled_fisher(
 
     def accumulate(acc, params, batch, key):
         mask = row_mask(batch)
+        if model is not None:
+            from unlearn_jax.core import layer_stats
+
+            part = layer_stats.diag_fisher_sampled_sum(
+                model, params, batch, key, num_samples=num_samples, chunk_size=chunk_size
+            )
+            return {"sum": _add(acc["sum"], part), "count": acc["count"] + jnp.sum(mask)}
         keys = jax.random.split(key, mask.shape[0])
 
         def one(triple):

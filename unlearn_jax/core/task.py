@@ -141,6 +141,17 @@ class Task:
         return (jnp.argmax(outputs, axis=-1) == batch["y"]).astype(jnp.float32)
 
 
+def flax_task_of(fn: Any) -> Task | None:
+    """The :class:`~unlearn_jax.core.task.Task` behind ``fn`` when the per-layer statistics apply:
+    ``fn`` is such a task with a Flax module, or its bound ``loss`` / ``outputs``; else ``None``."""
+    if isinstance(fn, Task):
+        return fn if fn.module is not None else None
+    owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if isinstance(owner, Task) and owner.module is not None and func in (Task.loss, Task.outputs):
+        return owner
+    return None
+
+
 def flax_task(module: Any, kind: str = CLASSIFICATION) -> Task:
     """A :class:`Task` for a Flax linen module whose parameters are the ``"params"`` collection."""
     return Task(
