@@ -37,8 +37,11 @@ def main():
 
     ref = jax.jit(all_outputs)(params, batch)
     out = jax.jit(all_outputs)(sp, sb)
-    # The per-example gradients stay sharded along the batch axis.
+    # The per-example gradients stay sharded along the batch axis, chunked or not: chunks of 8 of
+    # the 32 examples are strided (examples j, j + 4, ...), so each is spread over all 8 devices.
     assert len(out["pe"]["l1"]["w"].sharding.device_set) == 8, out["pe"]["l1"]["w"].sharding
+    chunked = out["pe_chunked"]["l1"]["w"]
+    assert len(chunked.sharding.device_set) == 8 and not chunked.sharding.is_fully_replicated
     for key in ref:
         np.testing.assert_allclose(
             flat(out[key]), flat(ref[key]), rtol=1e-4, atol=1e-5, err_msg=key

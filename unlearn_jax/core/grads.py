@@ -60,8 +60,11 @@ def chunked_map(
 ) -> Any:
     """``vmap(fn)(batch)`` computed ``chunk_size`` examples at a time (``None``: all at once).
 
-    The chunks run in a ``fori_loop`` that writes each chunk's results in place into the output
-    ``[B, ...]``. When ``chunk_size`` does not divide ``B`` the last chunk is the last
+    When ``chunk_size`` divides ``B``, chunk ``j`` holds the examples ``j, j + n, j + 2n, ...``
+    (``n = B / chunk_size``; :func:`optax.microbatching.reshape_batch_axis`'s column-major split), so
+    a batch sharded over a mesh's data axis keeps every chunk spread over all of its devices; the
+    chunks run in a ``lax.map``. Otherwise the chunks are contiguous and run in a ``fori_loop`` that
+    writes each chunk's results in place into the output ``[B, ...]``, the last chunk being the last
     ``chunk_size`` examples, overlapping the previous one, so every chunk has the same shape (one
     trace, and no concatenation, which would copy the whole output).
 
@@ -83,6 +86,13 @@ def chunked_map(
         chunk_size = auto_chunk_size(fn, batch, size)
     if chunk_size is None or chunk_size >= size:
         return vectorised(batch)
+    if size % chunk_size == 0:
+        chunks = optax.microbatching.reshape_batch_axis(batch, chunk_size)  # [n, chunk, ...]
+        outs = lax.map(vectorised, chunks)
+        # Undo the column-major split: example j + n * i sits at [j, i].
+        return jax.tree_util.tree_map(
+            lambda o: jnp.swapaxes(o, 0, 1).reshape((size, *o.shape[2:])), outs
+        )
     n_chunks = -(-size // chunk_size)
 
     def chunk_at(start):
@@ -114,15 +124,25 @@ def sum_over_chunks(
 
     ``batch_total(sub_batch)`` must return the sum over the examples of ``sub_batch`` of some pytree
     (e.g. summed squared gradients, or the Hessian-vector product of a summed loss), so that the sum
-    over the chunks equals the sum over the whole batch. Full chunks are accumulated in a
-    ``lax.scan``; the final partial chunk (``B mod chunk_size`` examples) is added after it, so no
-    padding example ever enters the sum. ``strategy`` (``"auto"``, ``"vmap"``, ``"rewrite"``; see the
-    module docstring) applies to ``batch_total``.
+    over the chunks equals the sum over the whole batch. Chunks are accumulated in a ``lax.scan``.
+    When ``chunk_size`` divides ``B`` they are strided (chunk ``j`` holds examples ``j, j + n, ...``,
+    :func:`optax.microbatching.reshape_batch_axis`), so a sharded batch keeps every chunk spread over
+    its devices; otherwise contiguous, the final partial chunk (``B mod chunk_size`` examples) added
+    after the scan, so no padding example ever enters the sum. ``strategy`` (``"auto"``, ``"vmap"``,
+    ``"rewrite"``; see the module docstring) applies to ``batch_total``.
     """
     _validate.positive_int(chunk_size=chunk_size)
     size = _validate.batch_size(batch)
     batch_total = with_strategy(batch_total, strategy)
     chunk = size if chunk_size is None else min(chunk_size, size)
+    if chunk < size and size % chunk == 0:
+        chunks = optax.microbatching.reshape_batch_axis(batch, chunk)
+        first = batch_total(jax.tree_util.tree_map(lambda a: a[0], chunks))
+        rest = jax.tree_util.tree_map(lambda a: a[1:], chunks)
+        total, _ = jax.lax.scan(
+            lambda acc, b: (jax.tree_util.tree_map(jnp.add, acc, batch_total(b)), None), first, rest
+        )
+        return total
     n_full, remainder = divmod(size, chunk)
     head = jax.tree_util.tree_map(
         lambda a: a[: n_full * chunk].reshape((n_full, chunk, *a.shape[1:])), batch
