@@ -65,8 +65,12 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding, PartitionSpec
 
-from unlearn_jax import sharding
+from unlearn_jax import methods, sharding
+from unlearn_jax.core import reductions
 from unlearn_jax.core.task import Task
+from unlearn_jax.data import Dataset
+from unlearn_jax.methods.driver import compiled_steps, compute_statistics
+from unlearn_jax.methods.protocol import RunPlan
 from unlearn_jax.models import get_model, model_task
 from unlearn_jax.models.transformer import num_params
 
@@ -199,6 +203,86 @@ def _fmt(nbytes: float) -> str:
     return f"{nbytes / GIB:7.3f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:7.1f} MiB"
 
 
+def _token_dataset(n: int, seq_len: int, vocab: int, seed: int, offset: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (n, seq_len + 1)).astype(np.int32)
+    weights = np.ones((n, seq_len), np.float32)
+    return Dataset(x=tokens[:, :-1], y=tokens[:, 1:], ids=np.arange(offset, offset + n),
+                   num_classes=vocab, weights=weights)  # fmt: skip
+
+
+def _padded_batch(dataset: Dataset, placement: sharding.Placement) -> dict[str, jax.Array]:
+    batch = {**dataset.as_batch(), "mask": jnp.ones((len(dataset),), jnp.float32)}
+    return placement.put_batch(batch)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: a.copy(), tree)
+
+
+def unlearning_steps(setup: Setup, placement: sharding.Placement, *, batch_size: int,
+                     seq_len: int, vocab: int) -> list[dict]:  # fmt: skip
+    """One step each of NPO + retain loss with SAM, SSD's Fisher passes and dampening, and an
+    inverse-HVP with 5 CG iterations (GGN), all through the library's compiled steps under
+    ``placement``: per-device memory from XLA and wall time of one run of each."""
+    task, params, key = setup.task, setup.state.params, jax.random.key(1)
+    forget = _token_dataset(batch_size, seq_len, vocab, 1, 0)
+    retain = _token_dataset(batch_size, seq_len, vocab, 2, 10_000)
+    fb, rb = _padded_batch(forget, placement), _padded_batch(retain, placement)
+    plan = RunPlan.create(1, 1, 1, batch_size, batch_size)
+    rows = []
+
+    def one_step(name, method, stats):
+        init_fn, update_fn = compiled_steps(method, task, params, stats, plan, key=key,
+                                            placement=placement)  # fmt: skip
+        state = init_fn(params, key, stats, plan)
+        f = fb if "forget" in method.feeds.batches else None
+        r = rb if "retain" in method.feeds.batches else None
+        start = time.perf_counter()
+        compiled = update_fn.lower(params, state, f, r, key).compile()
+        compile_s = time.perf_counter() - start
+        mem = per_device_bytes(compiled)
+        start = time.perf_counter()
+        out, _, _metrics = compiled(_copy(params), state, f, r, key)
+        jax.block_until_ready(out)
+        run_s = time.perf_counter() - start
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(params), strict=True):
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (name, a.sharding, b.sharding)
+        rows.append(dict(step=name, mem=mem, compile_s=compile_s, run_s=run_s))
+        print(f"  {name:<28} peak/device {_fmt(mem['peak'])}, temporaries "
+              f"{_fmt(mem['temporaries'])}; compile {compile_s:.1f} s, run {run_s:.2f} s")  # fmt: skip
+
+    one_step("npo + retain, SAM (1 step)",
+             methods.sam(methods.npo(beta=0.1, optimizer=optax.adam(1e-5)), rho=0.01), {})  # fmt: skip
+
+    ssd = methods.ssd(alpha=5.0, lam=0.1)
+    start = time.perf_counter()
+    stats = compute_statistics(ssd, task, params, forget, retain, batch_size=batch_size,
+                               key=key, placement=placement)  # fmt: skip
+    jax.block_until_ready(stats)
+    fisher_s = time.perf_counter() - start
+    reduction = reductions.squared_gradient_mean(task.loss)
+    acc = reduction.init(params)
+    acc_sh = placement.of(jax.eval_shape(reduction.init, params))
+    accumulate = jax.jit(reduction.accumulate,
+                         in_shardings=(acc_sh, placement.of(params), placement.batch(), None),
+                         out_shardings=acc_sh)  # fmt: skip
+    mem = per_device_bytes(accumulate.lower(acc, params, fb, key).compile())
+    rows.append(
+        dict(step="ssd Fisher pass (per batch)", mem=mem, compile_s=0.0, run_s=fisher_s / 2)
+    )
+    print(f"  {'ssd Fisher pass (per batch)':<28} peak/device {_fmt(mem['peak'])}, temporaries "
+          f"{_fmt(mem['temporaries'])}; forget + retain passes {fisher_s:.2f} s")  # fmt: skip
+    one_step("ssd dampening", ssd, stats)
+
+    cg = methods.influence_removal(solver="cg", curvature="ggn", damping=1e-3, maxiter=5,
+                                   tol=1e-12, curvature_examples=batch_size)  # fmt: skip
+    stats = compute_statistics(cg, task, params, forget, retain, batch_size=batch_size, key=key,
+                               placement=placement)  # fmt: skip
+    one_step("inverse-HVP, 5 CG iterations", cg, stats)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -208,6 +292,11 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--skip-unsharded", action="store_true")
+    parser.add_argument(
+        "--no-unlearning",
+        action="store_true",
+        help="skip the unlearning steps (NPO+SAM, SSD, CG) of runnable configs",
+    )
     args = parser.parse_args()
 
     optimizer = optax.adam(1e-4)
@@ -293,6 +382,16 @@ def main():
                 f"  steps: {', '.join(f'{t:.2f} s' for t in times)} (loss {loss:.3f}; "
                 f"log V = {np.log(args.vocab):.3f})"
             )
+            if not args.no_unlearning:
+                print("  unlearning steps (same mesh, rules and placement):")
+                names = sharding.logical_axes(
+                    jax.eval_shape(setup.task.module.init, jax.random.key(0),
+                                   jax.ShapeDtypeStruct((1, args.seq_len), jnp.int32))
+                )  # fmt: skip
+                row["unlearning"] = unlearning_steps(
+                    setup._replace(state=state), sharding.Placement(setup.mesh, sharding.DEFAULT_RULES, names),
+                    batch_size=args.batch_size, seq_len=args.seq_len, vocab=args.vocab,
+                )  # fmt: skip
             del state
         rows.append(row)
         del setup, compiled

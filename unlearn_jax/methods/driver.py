@@ -364,6 +364,30 @@ def _shardings(method, task, params, key, stats, plan, stacked, placement) -> Fr
                    batch(FORGET), batch(RETAIN)))  # fmt: skip
 
 
+def compiled_steps(
+    method: Unlearner,
+    task: Task,
+    params: Any,
+    stats: Mapping[str, reductions.Reduced],
+    plan: RunPlan,
+    *,
+    key: jax.Array,
+    stacked: bool = False,
+    placement: Placement | None = None,
+):
+    """The jitted ``(init, update)`` that :func:`unlearn` runs, for inspection and benchmarks.
+
+    ``init(params, key, stats, plan)`` and ``update(params, state, forget_batch, retain_batch,
+    key)`` with the task bound; under a placement their in/out shardings are fixed (the parameters
+    and the method state keep theirs; ``update`` donates both). Lower them for XLA's
+    ``memory_analysis()``: ``update.lower(params, state, fb, rb, key).compile()``. The same cached
+    objects as the driver's, so compiling here warms :func:`unlearn` up.
+    """
+    check_unlearner(method)
+    shardings = _shardings(method, task, params, key, stats, plan, stacked, placement)
+    return _compiled(method.init, method.update, task, stacked, shardings)
+
+
 @functools.partial(jax.jit, static_argnames=("stacked",))
 def _all_finite(params, stacked: bool):
     """Whether every parameter is finite (per model when ``stacked``): one reduction, one copy."""
@@ -677,6 +701,7 @@ __all__ = [
     "UnlearnManyResult",
     "UnlearnResult",
     "batch_stream",
+    "compiled_steps",
     "compute_statistics",
     "statistic_data",
     "unlearn",
