@@ -90,7 +90,9 @@ def test_batches_errors():
         data.batches(ds.take([]), 2)
     with pytest.raises(TypeError, match=r"key must be a JAX PRNG key such as jax.random.key\(0\)"):
         data.batches(ds, 2, key=0)
-    with pytest.raises(TypeError, match=r"dataset must be an unlearn_jax.data.Dataset, got dict"):
+    with pytest.raises(
+        TypeError, match=r"dataset must be an unlearn_jax.data.Dataset or StreamedDataset, got dict"
+    ):
         data.batches({"x": ds.x}, 2)
     for fn in (data.padded_batches, data.batch_stream):
         with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):

@@ -1,4 +1,4 @@
-"""Datasets whose examples carry stable ids, forget-set selection, and batching.
+"""Datasets whose examples carry stable ids (in memory or streamed), forget-set selection, batching.
 
 Examples:
   >>> from unlearn_jax import data
@@ -22,6 +22,8 @@ from unlearn_jax.data.forget import (
     select_forget,
 )
 from unlearn_jax.data.loaders import load
+from unlearn_jax.data.multihost import global_batches, make_global, process_batches, process_rows
+from unlearn_jax.data.stream import StreamedColumn, StreamedDataset
 from unlearn_jax.data.tokenizer import Tokenizer
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "ForgetSplit",
     "QASet",
     "Splits",
+    "StreamedColumn",
+    "StreamedDataset",
     "Tokenizer",
     "batch_stream",
     "batches",
@@ -39,11 +43,15 @@ __all__ = [
     "concat",
     "forget_ids_hash",
     "generate_facts",
+    "global_batches",
     "ids_forget",
     "load",
+    "make_global",
     "num_batches",
     "padded_batches",
     "predicate_forget",
+    "process_batches",
+    "process_rows",
     "random_forget",
     "read_ids_file",
     "select_forget",

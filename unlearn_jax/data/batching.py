@@ -9,12 +9,18 @@ Three ways to go through a dataset:
 * :func:`batch_stream`: an endless stream of full batches, reshuffled every epoch, for step-based
   loops.
 
-Indices are gathered on the host (numpy) and each batch is copied to the device as it is yielded.
-The functions validate their arguments when called, not at the first ``next``.
+Each accepts an in-memory :class:`Dataset` or a :class:`~unlearn_jax.data.stream.StreamedDataset`
+and gives the same batches for the same examples and key. Rows are gathered on the host (numpy) and
+each batch is copied to the device as it is yielded; a streamed dataset reads only the records of
+each batch, a background thread reading ``dataset.prefetch`` batches ahead, and its inputs travel in
+their storage dtype (uint8 images), becoming float32 on the device. For global batches over several
+processes see :mod:`unlearn_jax.data.multihost`. The functions validate their arguments when called,
+not at the first ``next``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax.data.dataset import Dataset
+from unlearn_jax.data.stream import StreamedDataset, prefetched, to_device
 
 Batch = dict[str, jax.Array]
 PADDING_ID = -1
@@ -58,9 +65,10 @@ def num_batches(n: int, batch_size: int, *, drop_remainder: bool = False) -> int
 
 
 def _check(dataset: Any, batch_size: Any, key: Any) -> None:
-    if not isinstance(dataset, Dataset):
+    if not isinstance(dataset, Dataset | StreamedDataset):
         raise TypeError(
-            f"dataset must be an unlearn_jax.data.Dataset, got {type(dataset).__name__}."
+            "dataset must be an unlearn_jax.data.Dataset or StreamedDataset, got "
+            f"{type(dataset).__name__}."
         )
     _check_batch_size(batch_size)
     if len(dataset) == 0:
@@ -79,15 +87,49 @@ def _epoch_order(n: int, key: Any) -> np.ndarray:
     return np.asarray(jax.random.permutation(key, n))
 
 
-def _gather(dataset: Dataset, idx: np.ndarray) -> Batch:
-    batch = {
-        "x": jnp.asarray(dataset.x[idx]),
-        "y": jnp.asarray(dataset.y[idx]),
-        "id": jnp.asarray(dataset.ids[idx].astype(np.int32)),
-    }
+def read_rows(dataset: Dataset | StreamedDataset, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples at positions ``idx [B]`` as a host batch ``{"x", "y", "id" int32[, "weights"]}``.
+
+    An in-memory dataset is indexed; a streamed one reads those ``B`` records only, inputs in their
+    storage dtype (:meth:`StreamedDataset.read_batch`).
+    """
+    if isinstance(dataset, StreamedDataset):
+        return dataset.read_batch(idx)
+    batch = {"x": dataset.x[idx], "y": dataset.y[idx], "id": dataset.ids[idx].astype(np.int32)}
     if dataset.weights is not None:
-        batch["weights"] = jnp.asarray(dataset.weights[idx])
+        batch["weights"] = dataset.weights[idx]
     return batch
+
+
+def pad_rows(batch: dict[str, np.ndarray], rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Completes a host batch of ``R <= rows`` examples with ``rows - R`` padding rows.
+
+    Padding rows are zeros in each array's own dtype (int32 tokens stay int32, uint8 pixels uint8)
+    with ``id == -1``.
+
+    Returns:
+      ``(batch, mask)``: every leaf with leading size ``rows``; ``mask [rows]`` float32, 1 for the
+      ``R`` real rows (first), 0 for padding.
+    """
+    real = batch["id"].shape[0]
+    pad = rows - real
+    if pad == 0:
+        return batch, np.ones((rows,), np.float32)
+    out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    out["id"] = np.concatenate([batch["id"], np.full((pad,), PADDING_ID, np.int32)])
+    mask = np.concatenate([np.ones((real,), np.float32), np.zeros((pad,), np.float32)])
+    return out, mask
+
+
+def _read_ahead(dataset: Dataset | StreamedDataset) -> int:
+    # An in-memory gather is a numpy index: reading ahead would only add a thread.
+    return dataset.prefetch if isinstance(dataset, StreamedDataset) else 0
+
+
+def _upload(dataset: Dataset | StreamedDataset, batch: dict[str, np.ndarray]) -> Batch:
+    if isinstance(dataset, StreamedDataset):
+        return to_device(batch, x_divisor=dataset.x_divisor)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def batches(
@@ -124,8 +166,10 @@ def batches(
     stop = num_batches(n, batch_size, drop_remainder=drop_remainder) * batch_size
 
     def generate() -> Iterator[Batch]:
-        for start in range(0, stop, batch_size):
-            yield _gather(dataset, order[start : start + batch_size])
+        chunks = (order[start : start + batch_size] for start in range(0, stop, batch_size))
+        read = functools.partial(read_rows, dataset)
+        for batch in prefetched(read, chunks, _read_ahead(dataset)):
+            yield _upload(dataset, batch)
 
     return generate()
 
@@ -158,31 +202,13 @@ def padded_batches(
     n = len(dataset)
     order = _epoch_order(n, key)
 
+    def read(idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return pad_rows(read_rows(dataset, idx), batch_size)
+
     def generate() -> Iterator[tuple[Batch, jax.Array]]:
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            real = idx.shape[0]
-            if real == batch_size:
-                yield _gather(dataset, idx), jnp.ones((batch_size,), jnp.float32)
-                continue
-            pad = batch_size - real
-
-            def padded(values: np.ndarray) -> np.ndarray:
-                # In the array's own dtype: int32 tokens stay int32.
-                return np.concatenate(
-                    [values[idx], np.zeros((pad, *values.shape[1:]), values.dtype)]
-                )
-
-            ids = np.concatenate([dataset.ids[idx], np.full((pad,), PADDING_ID, np.int64)])
-            mask = np.concatenate([np.ones((real,), np.float32), np.zeros((pad,), np.float32)])
-            batch = {
-                "x": jnp.asarray(padded(dataset.x)),
-                "y": jnp.asarray(padded(dataset.y)),
-                "id": jnp.asarray(ids.astype(np.int32)),
-            }
-            if dataset.weights is not None:
-                batch["weights"] = jnp.asarray(padded(dataset.weights))
-            yield batch, jnp.asarray(mask)
+        chunks = (order[start : start + batch_size] for start in range(0, n, batch_size))
+        for batch, mask in prefetched(read, chunks, _read_ahead(dataset)):
+            yield _upload(dataset, batch), jnp.asarray(mask)
 
     return generate()
 
@@ -211,7 +237,7 @@ def batch_stream(dataset: Dataset, batch_size: int, *, key: Any = None) -> Itera
     _check(dataset, batch_size, key)
     n = len(dataset)
 
-    def generate() -> Iterator[Batch]:
+    def chunks() -> Iterator[np.ndarray]:
         epoch = 0
         pending = np.zeros((0,), np.int64)
         while True:
@@ -219,7 +245,12 @@ def batch_stream(dataset: Dataset, batch_size: int, *, key: Any = None) -> Itera
                 epoch_key = None if key is None else jax.random.fold_in(key, epoch)
                 pending = np.concatenate([pending, _epoch_order(n, epoch_key)])
                 epoch += 1
-            yield _gather(dataset, pending[:batch_size])
+            yield pending[:batch_size]
             pending = pending[batch_size:]
+
+    def generate() -> Iterator[Batch]:
+        read = functools.partial(read_rows, dataset)
+        for batch in prefetched(read, chunks(), _read_ahead(dataset)):
+            yield _upload(dataset, batch)
 
     return generate()

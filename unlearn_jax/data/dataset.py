@@ -58,6 +58,26 @@ def repeated_values(values: np.ndarray) -> np.ndarray:
     return np.unique(repeated)
 
 
+def check_take_indices(indices: Any, n: int, name: str = "") -> np.ndarray:
+    """Validates row positions for ``take`` on ``n`` examples; returns them as int64 ``[M]``.
+
+    Raises:
+      ValueError: if a position is outside ``[0, n)`` or repeats (ids are unique).
+    """
+    idx = as_id_array(indices, name="indices")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.size:
+        raise ValueError(
+            f"indices must lie in [0, {n}) for {name or 'the dataset'}, got {describe_values(bad)}."
+        )
+    repeated = repeated_values(idx)
+    if repeated.size:
+        raise ValueError(
+            f"indices must not repeat (ids are unique), got {describe_values(repeated)}."
+        )
+    return idx
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A set of examples held as host numpy arrays, each example with a stable integer id.
@@ -257,6 +277,11 @@ class Dataset:
         """The shape of one input, ``x.shape[1:]``."""
         return tuple(self.x.shape[1:])
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """The shape of one target, ``y.shape[1:]``."""
+        return tuple(self.y.shape[1:])
+
     def class_counts(self) -> np.ndarray:
         """The number of examples of each class, ``[num_classes]`` int64 (classification only)."""
         self._require_classification("class_counts")
@@ -305,18 +330,7 @@ class Dataset:
         Raises:
           ValueError: if a position is out of range or repeats.
         """
-        idx = as_id_array(indices, name="indices")
-        bad = idx[(idx < 0) | (idx >= len(self))]
-        if bad.size:
-            raise ValueError(
-                f"indices must lie in [0, {len(self)}) for {self.name or 'the dataset'}, got "
-                f"{describe_values(bad)}."
-            )
-        repeated = repeated_values(idx)
-        if repeated.size:
-            raise ValueError(
-                f"indices must not repeat (ids are unique), got {describe_values(repeated)}."
-            )
+        idx = check_take_indices(indices, len(self), self.name)
         weights = None if self.weights is None else self.weights[idx]
         return dataclasses.replace(
             self, x=self.x[idx], y=self.y[idx], ids=self.ids[idx], weights=weights
@@ -400,17 +414,20 @@ class Splits:
     info: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        from unlearn_jax.data.stream import StreamedDataset  # stream builds on this module
+
         for part in ("train", "test"):
-            if not isinstance(getattr(self, part), Dataset):
+            if not isinstance(getattr(self, part), Dataset | StreamedDataset):
                 raise TypeError(
-                    f"Splits.{part} must be a Dataset, got {type(getattr(self, part))}."
+                    f"Splits.{part} must be a Dataset or StreamedDataset, got "
+                    f"{type(getattr(self, part))}."
                 )
         tr, te = self.train, self.test
         facts = {
             "kind": (tr.kind, te.kind),
             "num_classes": (tr.num_classes, te.num_classes),
             "input shape": (tr.input_shape, te.input_shape),
-            "target shape": (tr.y.shape[1:], te.y.shape[1:]),
+            "target shape": (tr.target_shape, te.target_shape),
         }
         for what, (a, b) in facts.items():
             if a != b:
@@ -430,9 +447,16 @@ class Splits:
 def concat(first: Dataset, second: Dataset, name: str = "") -> Dataset:
     """The examples of ``first`` then those of ``second`` as one dataset (same kind and shapes).
 
+    If either is a :class:`~unlearn_jax.data.stream.StreamedDataset`, the result is a streamed view
+    (:func:`~unlearn_jax.data.stream.concat_streamed`): no records are read or copied.
+
     Raises:
       ValueError: datasets of different kinds, classes or shapes, or ids present in both.
     """
+    from unlearn_jax.data.stream import StreamedDataset, concat_streamed
+
+    if isinstance(first, StreamedDataset) or isinstance(second, StreamedDataset):
+        return concat_streamed(first, second, name)
     for what, a, b in (
         ("kind", first.kind, second.kind),
         ("num_classes", first.num_classes, second.num_classes),
@@ -452,6 +476,9 @@ def concat(first: Dataset, second: Dataset, name: str = "") -> Dataset:
 
 
 def by_class(dataset: Dataset) -> Dataset:
-    """The examples stably sorted by label: grouped class by class, each class in data order."""
+    """The examples stably sorted by label: grouped class by class, each class in data order.
+
+    A :class:`~unlearn_jax.data.stream.StreamedDataset` gives a view (its labels read once).
+    """
     dataset._require_classification("by_class")
     return dataset.take(np.argsort(np.asarray(dataset.y), kind="stable"))

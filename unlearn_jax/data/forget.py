@@ -33,6 +33,7 @@ import numpy as np
 
 from unlearn_jax import _validate
 from unlearn_jax.data.dataset import Dataset, as_id_array, describe_values, repeated_values
+from unlearn_jax.data.stream import StreamedDataset
 
 
 class ForgetSplit(NamedTuple):
@@ -65,15 +66,19 @@ def forget_ids_hash(ids: Any) -> str:
       >>> forget_ids_hash([2, 0, 1]) == forget_ids_hash(np.array([0, 1, 2], np.int32))
       True
     """
-    if isinstance(ids, Dataset):
+    if isinstance(ids, Dataset | StreamedDataset):
         ids = ids.ids
     canonical = np.unique(as_id_array(ids)).astype("<i8")
     return hashlib.sha256(canonical.tobytes()).hexdigest()
 
 
 def _check_train(train: Any) -> None:
-    if not isinstance(train, Dataset):
-        raise TypeError(f"train must be an unlearn_jax.data.Dataset, got {type(train).__name__}.")
+    # A streamed dataset splits into views: its ids and labels are in memory, its records are not.
+    if not isinstance(train, Dataset | StreamedDataset):
+        raise TypeError(
+            f"train must be an unlearn_jax.data.Dataset or StreamedDataset, got "
+            f"{type(train).__name__}."
+        )
     if len(train) < 2:
         raise ValueError(
             f"{train.name or 'train'} has {len(train)} examples; a forget/retain split needs >= 2."

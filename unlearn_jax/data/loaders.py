@@ -10,7 +10,8 @@
   the holdout authors; the variants and forget requests are on
   :func:`unlearn_jax.data.facts.generate_facts`'s result.
 * ``"tfds:NAME"``: any TensorFlow Datasets set with an image (or feature) key and a label key, read
-  through ``tfds.data_source`` (random access over ``array_record`` files; TensorFlow not needed).
+  through ``tfds.data_source`` (random access over ``array_record`` files; TensorFlow not needed),
+  into memory or, with ``streamed=True``, batch by batch (:mod:`unlearn_jax.data.stream`).
 
 The sklearn-backed and synthetic sets are split by one rule (:func:`split_indices`): a
 deterministic, seeded split whose test part has ``ceil(test_fraction * N)`` examples, stratified by
@@ -31,6 +32,7 @@ import numpy as np
 from unlearn_jax import _validate
 from unlearn_jax.data.dataset import Dataset, Splits
 from unlearn_jax.data.facts import generate_facts
+from unlearn_jax.data.stream import StreamedDataset
 
 TFDS_PREFIX = "tfds:"
 
@@ -235,6 +237,7 @@ def _load_tfds(
     max_examples: int | None = None,
     image_key: str = "image",
     label_key: str = "label",
+    streamed: bool = False,
 ) -> Splits:
     """A TFDS data set read through ``tfds.data_source`` (no TensorFlow needed).
 
@@ -243,11 +246,18 @@ def _load_tfds(
     Labels: ``example[label_key]``; a ``ClassLabel`` feature gives int32 labels and ``num_classes``
     from the builder info, any other feature float32 regression targets.
 
+    ``streamed=True`` reads nothing up front (the first record of each split aside): train and test
+    are :class:`~unlearn_jax.data.stream.StreamedDataset` views of the data sources, whose batches
+    read their records only, carry uint8 images to the device and divide them by 255 there (the
+    same float32 values as the in-memory path).
+
     Ids: the record index within the requested split, plus the full length of the splits listed
     before it. So ids of ``split=("train", "test")`` on MNIST are 0..59999 (train record index) and
     60000..69999 (60000 + test record index): disjoint, and stable as long as the same ``split``
     strings are used. ``max_examples`` keeps the first records of each split and does not change ids.
     """
+    if not isinstance(streamed, bool):
+        raise ValueError(f"streamed must be True or False, got streamed={streamed!r}.")
     if isinstance(split, str) or len(split) != 2 or not all(isinstance(s, str) for s in split):
         raise ValueError(
             f"split must be a pair of TFDS split names (train, test), e.g. ('train', 'test') or "
@@ -294,13 +304,30 @@ def _load_tfds(
         count = total if max_examples is None else min(total, max_examples)
         if count == 0:
             raise ValueError(f"TFDS split {split[len(datasets)]!r} of {tfds_name!r} is empty.")
+        ids = offset + np.arange(count, dtype=np.int64)
+        name = f"tfds:{tfds_name}/{part}"
+        if streamed:
+            first = np.asarray(source[0][image_key])
+            datasets.append(
+                StreamedDataset(
+                    source,
+                    ids=ids,
+                    rows=np.arange(count, dtype=np.int64),
+                    name=name,
+                    num_classes=num_classes,
+                    x_key=image_key,
+                    y_key=label_key,
+                    x_divisor=255.0 if first.dtype == np.uint8 else None,
+                )
+            )
+            offset += total
+            continue
         # Item by item: tfds' batched __getitems__ is not supported by tfds.testing.mock_data.
         examples = [source[i] for i in range(count)]
         x = np.stack([np.asarray(ex[image_key]) for ex in examples])
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
         y = np.stack([np.asarray(ex[label_key]) for ex in examples])
-        ids = offset + np.arange(count, dtype=np.int64)
-        datasets.append(Dataset(x, y, ids, f"tfds:{tfds_name}/{part}", num_classes))
+        datasets.append(Dataset(x, y, ids, name, num_classes))
         offset += total
 
     train, test = datasets
@@ -310,7 +337,8 @@ def _load_tfds(
         "splits": list(split),
         "id_offsets": [0, len(sources[0])],
         "max_examples": max_examples,
-        "scaling": "uint8 inputs / 255",
+        "scaling": "uint8 inputs / 255" + (" on the device" if streamed else ""),
+        "streamed": streamed,
         "kind": train.kind,
         "num_classes": num_classes,
         "input_shape": list(train.input_shape),
@@ -388,7 +416,8 @@ def load(name: str, **kwargs: Any) -> Splits:
           ``tokenizer="words"`` (or ``"bytes"``), ``seq_len=None`` (see ``generate_facts``).
         * tfds: ``split=("train", "test")``, ``data_dir=None``, ``download=False`` (True lets TFDS
           download and prepare the data, which needs internet), ``max_examples=None`` (keep the first
-          records of each split), ``image_key="image"``, ``label_key="label"``.
+          records of each split), ``image_key="image"``, ``label_key="label"``, ``streamed=False``
+          (True: :class:`~unlearn_jax.data.stream.StreamedDataset` splits read batch by batch).
 
     Returns:
       ``Splits(train, test, name, info)``. Sizes with the defaults: digits 1437 train / 360 test
