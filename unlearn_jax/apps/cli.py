@@ -427,7 +427,10 @@ def cmd_unlearn(args) -> int:
 
     if not (args.forget_ids or args.forget):
         raise CliError("give the examples to forget with --forget-ids FILE or --forget SPEC.")
-    method, run_kwargs = registry.build(args.method, **_parse_overrides(args.set))
+    # The registry's settings for the spec's kind (class or random); --forget-ids: the base.
+    method, run_kwargs = registry.build(
+        args.method, scenario=args.forget, **_parse_overrides(args.set)
+    )
     state, meta, ledger, splits, task = _restore(args.checkpoint)
     split = _forget_split(splits, args, ledger)
     if args.request_id is not None and any(r.request_id == args.request_id for r in ledger):
