@@ -556,7 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget", default="random:0.1", help="class:K | random:FRACTION | ids:FILE | ids:1,2,3"
     )
     b.add_argument("--methods", default="all", help="'all' or a comma-separated list")
-    b.add_argument("--seeds", type=_positive_int, default=8, help="originals / oracles (for KLoM)")
+    b.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=32,
+        help="models per side for KLoM and the challenge score (originals, oracles, reference oracles)",
+    )
     b.add_argument(
         "--shadows", type=_non_negative_int, default=8, help="LiRA shadow models (0: no LiRA)"
     )
