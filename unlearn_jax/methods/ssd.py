@@ -496,6 +496,55 @@ class SSDState(NamedTuple):
     full: Params
 
 
+@functools.cache
+def _ssd_functions(alpha: float, lam: float, importance: str, name: str):
+    """SSD's ``(init, update, check_stats)`` for one configuration, built once: every ``ssd(...)``
+    of the same hyper-parameters shares them, and so the driver's compiled steps (cached on these
+    functions): a new request, even through a new ``ssd(...)`` object, compiles nothing."""
+
+    def full_values(stats):
+        if "full_importance" in stats:
+            return stats["full_importance"].value
+        f, r = stats["forget_importance"], stats["retain_importance"]
+        n_f, n_r = f.count, r.count
+        # (n_r I_r + n_f I_f) / n: the training set's per-example Fisher.
+        return jax.tree_util.tree_map(
+            lambda a, b: (n_r * a + n_f * b) / (n_r + n_f), r.value, f.value
+        )
+
+    def check_stats(stats):
+        for key, stat in stats.items():
+            check_importances(stat.value, f"{name} {key}")
+        if importance != "fisher":
+            return
+        n_f = float(np.max(np.asarray(stats["forget_importance"].count)))
+        full = stats.get("full_importance") or stats["retain_importance"]
+        n = float(np.max(np.asarray(full.count))) + (0.0 if "full_importance" in stats else n_f)
+        bound = n / n_f
+        if alpha >= bound:
+            warnings.warn(
+                f"{name}: alpha={alpha} >= n / n_f = {n:.0f} / {n_f:.0f} = {bound:.3g}; with "
+                "per-example importances I_D >= (n_f / n) I_f, so no parameter can be selected and "
+                f"the model will not change. Use alpha < {bound:.3g} (e.g. alpha=5, lam=0.1 for one "
+                "class of ten) or importance='batch_mean' (the reference code's estimator).",
+                stacklevel=3,
+            )
+
+    def init(task, params, key, stats, plan):
+        del task, key, plan
+        _validate.same_structure(params, stats["forget_importance"].value, "params", "importances")
+        return SSDState(stats["forget_importance"].value, full_values(stats))
+
+    def update(task, params, method_state, forget_batch, retain_batch, key):
+        del task, forget_batch, retain_batch, key
+        new_params, stats = dampen(
+            params, method_state.forget, method_state.full, alpha=alpha, lam=lam
+        )
+        return new_params, method_state, stats
+
+    return init, update, check_stats
+
+
 def ssd(
     alpha: float = 10.0,
     lam: float = 1.0,
@@ -583,45 +632,7 @@ def ssd(
             reduction, TRAIN, spec.full_batch_size, spec.order
         )
 
-    def full_values(stats):
-        if "full_importance" in stats:
-            return stats["full_importance"].value
-        f, r = stats["forget_importance"], stats["retain_importance"]
-        n_f, n_r = f.count, r.count
-        # (n_r I_r + n_f I_f) / n: the training set's per-example Fisher.
-        return jax.tree_util.tree_map(
-            lambda a, b: (n_r * a + n_f * b) / (n_r + n_f), r.value, f.value
-        )
-
-    def check_stats(stats):
-        for key, stat in stats.items():
-            check_importances(stat.value, f"{name} {key}")
-        if importance != "fisher":
-            return
-        n_f = float(np.max(np.asarray(stats["forget_importance"].count)))
-        full = stats.get("full_importance") or stats["retain_importance"]
-        n = float(np.max(np.asarray(full.count))) + (0.0 if "full_importance" in stats else n_f)
-        bound = n / n_f
-        if alpha >= bound:
-            warnings.warn(
-                f"{name}: alpha={alpha} >= n / n_f = {n:.0f} / {n_f:.0f} = {bound:.3g}; with "
-                "per-example importances I_D >= (n_f / n) I_f, so no parameter can be selected and "
-                f"the model will not change. Use alpha < {bound:.3g} (e.g. alpha=5, lam=0.1 for one "
-                "class of ten) or importance='batch_mean' (the reference code's estimator).",
-                stacklevel=3,
-            )
-
-    def init(task, params, key, stats, plan):
-        del task, key, plan
-        _validate.same_structure(params, stats["forget_importance"].value, "params", "importances")
-        return SSDState(stats["forget_importance"].value, full_values(stats))
-
-    def update(task, params, method_state, forget_batch, retain_batch, key):
-        del task, forget_batch, retain_batch, key
-        new_params, stats = dampen(
-            params, method_state.forget, method_state.full, alpha=alpha, lam=lam
-        )
-        return new_params, method_state, stats
+    init, update, check_stats = _ssd_functions(float(alpha), float(lam), importance, name)
 
     return Unlearner(
         init=init,
