@@ -28,6 +28,10 @@ at any point of a save or of a settle (twice in a row, or more) leaves every ste
 committed save; the next save finishes the tidying. One writer per directory: a settle treats every
 incomplete staging copy as left over from a killed process.
 
+Several processes. In a multi-process save only process 0 runs :func:`begin`, :func:`commit` and
+:func:`settle`; every process writes its array shards into the staging copy in between
+(:func:`unlearn_jax.checkpoint.save_checkpoint`). So the directory still has one writer of names.
+
 This module uses the standard library only, so that its kill tests can load it alone and fork cheap
 processes to kill.
 """
@@ -200,6 +204,54 @@ def settle(root: pathlib.Path, fmt: str) -> None:
     empty_trash(root)
 
 
+def begin(root: pathlib.Path, step: int, fmt: str, *, overwrite: bool) -> tuple[pathlib.Path, int]:
+    """The first phase of a save: tidies ``root`` and creates an empty staging copy of ``step``.
+
+    Args:
+      root: the checkpoint directory (created if missing).
+      step: the step.
+      fmt: the format string the marker carries.
+      overwrite: replace a complete copy of ``step``.
+
+    Returns:
+      ``(staging, generation)``: the new staging directory and the generation its marker will carry.
+
+    Raises:
+      FileExistsError: ``root/<step>`` exists (complete or not) and ``overwrite`` is False.
+      NotADirectoryError: ``root`` is a file.
+    """
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"checkpoint directory {root} is a file; expected a directory.")
+    root.mkdir(parents=True, exist_ok=True)
+    # Finish what a killed save left (a committed copy not yet renamed, staging copies, trash).
+    settle(root, fmt)
+    final = root / str(step)
+    if (final.exists() or step in winners(root, fmt)) and not overwrite:
+        raise FileExistsError(
+            f"a checkpoint already exists at {final}; pass overwrite=True to replace it (atomically) "
+            "or save under another step."
+        )
+    generation = next_generation(root, fmt, step)
+    staging = root / f"{STAGING_PREFIX}{step}-{uuid.uuid4().hex}"
+    os.mkdir(staging)
+    return staging, generation
+
+
+def commit(
+    staging: pathlib.Path, fmt: str, step: int, generation: int, manifest_sha256: str
+) -> None:
+    """The commit point of a save: writes the marker of a staging copy whose files are all written
+    and flushed. From its rename on, the copy is the one readers find; :func:`settle` moves it to
+    its final name."""
+    marker = {
+        "format": fmt,
+        "step": step,
+        "generation": generation,
+        "manifest_sha256": manifest_sha256,
+    }
+    write_marker(staging, marker)
+
+
 def save(
     root: pathlib.Path,
     step: int,
@@ -209,6 +261,10 @@ def save(
     overwrite: bool,
 ) -> pathlib.Path:
     """Saves one copy of ``step`` under the protocol above and returns ``root/<step>``.
+
+    The three phases :func:`begin`, ``write`` and :func:`commit`, then :func:`settle`, in one
+    process. (A multi-process save runs the same phases with the writes of every process between
+    :func:`begin` and :func:`commit`: :func:`unlearn_jax.checkpoint.save_checkpoint`.)
 
     Args:
       root: the checkpoint directory (created if missing).
@@ -225,34 +281,15 @@ def save(
       Whatever ``write`` raises; the staging copy is deleted then. An error after the commit point
       (the marker's rename) leaves the new copy committed; the next save finishes moving it.
     """
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"checkpoint directory {root} is a file; expected a directory.")
-    root.mkdir(parents=True, exist_ok=True)
-    # Finish what a killed save left (a committed copy not yet renamed, staging copies, trash).
-    settle(root, fmt)
-    final = root / str(step)
-    if (final.exists() or step in winners(root, fmt)) and not overwrite:
-        raise FileExistsError(
-            f"a checkpoint already exists at {final}; pass overwrite=True to replace it (atomically) "
-            "or save under another step."
-        )
-    generation = next_generation(root, fmt, step)
-    staging = root / f"{STAGING_PREFIX}{step}-{uuid.uuid4().hex}"
+    staging, generation = begin(root, step, fmt, overwrite=overwrite)
     committed = False
     try:
-        os.mkdir(staging)
         manifest_sha256 = write(staging, generation)
-        marker = {
-            "format": fmt,
-            "step": step,
-            "generation": generation,
-            "manifest_sha256": manifest_sha256,
-        }
-        write_marker(staging, marker)
+        commit(staging, fmt, step, generation, manifest_sha256)
         committed = True
     except BaseException:
         if not committed:
             discard(root, staging)
         raise
     settle(root, fmt)
-    return final
+    return root / str(step)
