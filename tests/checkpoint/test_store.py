@@ -220,6 +220,21 @@ def test_a_structure_mismatch_names_the_differing_paths(tmp_path):
 
 
 # ---- verification: what it recomputes, and every mismatch named -------------------------------------
+def _leaf_by_hand(arr: np.ndarray, block: int = 2**20) -> dict:
+    """A leaf's manifest summary from the definition: SHA-256 over the SHA-256s of its C-order bytes
+    cut after every max(1, block // R) leading slices of R elements (one block if 0-d or empty)."""
+    raw = arr.tobytes(order="C")
+    slice_bytes = arr.itemsize * int(np.prod(arr.shape[1:]))
+    step = max(1, block // max(1, int(np.prod(arr.shape[1:])))) * slice_bytes
+    pieces = [raw[i : i + step] for i in range(0, len(raw), step)] if arr.ndim else [raw]
+    blocks = [hashlib.sha256(piece).digest() for piece in pieces or [b""]]
+    return {
+        "shape": list(arr.shape),
+        "dtype": arr.dtype.name,
+        "sha256": hashlib.sha256(b"".join(blocks)).hexdigest(),
+    }
+
+
 def _leaf_digest_by_hand(state, metadata) -> str:
     """The checkpoint digest written out from its definition (independent of the store's helpers)."""
     leaves = {}
@@ -230,13 +245,8 @@ def _leaf_digest_by_hand(state, metadata) -> str:
     }
     for path, leaf in jax.tree_util.tree_flatten_with_path(trees)[0]:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        arr = np.asarray(leaf)  # C-order bytes (np.ascontiguousarray would make 0-d arrays 1-d)
-        leaves[name] = {
-            "shape": list(arr.shape),
-            "dtype": arr.dtype.name,
-            "sha256": hashlib.sha256(arr.tobytes(order="C")).hexdigest(),
-        }
-    body = {"format": "unlearn_jax.checkpoint-digest/1", "leaves": leaves, "metadata": metadata}
+        leaves[name] = _leaf_by_hand(np.asarray(leaf))
+    body = {"format": "unlearn_jax.checkpoint-digest/2", "leaves": leaves, "metadata": metadata}
     return hashlib.sha256(
         json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -367,22 +377,43 @@ def test_a_forger_must_rewrite_manifest_marker_and_ledger_and_an_anchor_still_sh
         verify_checkpoint(tmp_path, anchor=anchor)
 
 
-def test_an_array_whose_decoded_bytes_differ_is_caught_by_its_hash(tmp_path, trained):
+def _flip(digest: str) -> str:
+    return ("0" if digest[0] != "0" else "1") + digest[1:]
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("leaf", r"does not match its recorded shape/dtype/SHA-256 \(saved \[8, 3\] float32"),
+        (
+            "block",
+            r"does not match its recorded SHA-256: block 0 \(leading indices 0\.\.7\) hashes to",
+        ),
+    ],
+)
+def test_an_array_whose_decoded_bytes_differ_is_caught_by_its_hash(tmp_path, trained, what,
+                                                                   message):  # fmt: skip
     """The innermost check: files that verify but decode to other values (here: a manifest whose
-    leaf hash was changed, with the marker fixed to match)."""
+    leaf digest, or block digest and leaf digest over it, was changed, the marker fixed to match)."""
     path, _, _ = _saved(tmp_path, trained)
 
     def tamper(manifest):
         leaf = manifest["leaves"]["params/head/kernel"]
-        leaf["sha256"] = ("0" if leaf["sha256"][0] != "0" else "1") + leaf["sha256"][1:]
+        if what == "leaf":
+            leaf["sha256"] = _flip(leaf["sha256"])
+        else:
+            leaf["blocks"][0] = _flip(leaf["blocks"][0])
+            raw = b"".join(bytes.fromhex(b) for b in leaf["blocks"])
+            leaf["sha256"] = hashlib.sha256(raw).hexdigest()
 
     _edit_json(path / "manifest.json", tamper)
     _edit_json(path / "COMMITTED", lambda m: m.update(
         manifest_sha256=hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()))  # fmt: skip
     for read in (lambda: restore_checkpoint(tmp_path, _fresh_target()),
                  lambda: verify_checkpoint(tmp_path)):  # fmt: skip
-        with pytest.raises(CheckpointVerificationError, match="array params/head/kernel does not"):
+        with pytest.raises(CheckpointVerificationError, match=message) as info:
             read()
+        assert info.value.item == "array params/head/kernel"
 
 
 def _array_files(step_dir: pathlib.Path):
