@@ -169,9 +169,14 @@ def _stacked_apply(task):
     return jax.jit(jax.vmap(task.apply, in_axes=(0, None)))
 
 
-def _logits(task, stacked_params, dataset) -> np.ndarray:
-    """Logits ``[M, N, C]`` of ``M`` stacked models on a data set."""
-    return np.asarray(_stacked_apply(task)(stacked_params, jnp.asarray(dataset.x)))
+def _logits(task, stacked_params, dataset, batch_size: int = 512) -> np.ndarray:
+    """Logits ``[M, N, C]`` of ``M`` stacked models on a data set, one padded batch at a time."""
+    apply = _stacked_apply(task)
+    per_example = data.map_batches(
+        lambda b: jnp.swapaxes(apply(stacked_params, b["x"]), 0, 1), dataset,
+        min(batch_size, len(dataset)),
+    )  # fmt: skip
+    return np.swapaxes(per_example, 0, 1)
 
 
 def _index_slice(tree, start, stop):

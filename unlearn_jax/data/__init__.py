@@ -8,7 +8,13 @@ Examples:
   ('class:3', True)
 """
 
-from unlearn_jax.data.batching import batch_stream, batches, num_batches, padded_batches
+from unlearn_jax.data.batching import (
+    batch_stream,
+    batches,
+    map_batches,
+    num_batches,
+    padded_batches,
+)
 from unlearn_jax.data.dataset import Dataset, Splits, by_class, concat
 from unlearn_jax.data.facts import FactsData, FactsSplit, QASet, generate_facts
 from unlearn_jax.data.forget import (
@@ -47,6 +53,7 @@ __all__ = [
     "ids_forget",
     "load",
     "make_global",
+    "map_batches",
     "num_batches",
     "padded_batches",
     "predicate_forget",

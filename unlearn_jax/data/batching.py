@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn_jax.core.batch import MASK, pad_batch
 from unlearn_jax.data.dataset import Dataset
 from unlearn_jax.data.stream import StreamedDataset, prefetched, to_device
 
@@ -111,14 +112,9 @@ def pad_rows(batch: dict[str, np.ndarray], rows: int) -> tuple[dict[str, np.ndar
       ``(batch, mask)``: every leaf with leading size ``rows``; ``mask [rows]`` float32, 1 for the
       ``R`` real rows (first), 0 for padding.
     """
-    real = batch["id"].shape[0]
-    pad = rows - real
-    if pad == 0:
-        return batch, np.ones((rows,), np.float32)
-    out = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-    out["id"] = np.concatenate([batch["id"], np.full((pad,), PADDING_ID, np.int32)])
-    mask = np.concatenate([np.ones((real,), np.float32), np.zeros((pad,), np.float32)])
-    return out, mask
+    padded = pad_batch(batch, rows)  # the library's one padding helper (core.batch)
+    mask = padded.pop(MASK)
+    return padded, mask
 
 
 def _read_ahead(dataset: Dataset | StreamedDataset) -> int:
@@ -254,3 +250,40 @@ def batch_stream(dataset: Dataset, batch_size: int, *, key: Any = None) -> Itera
             yield _upload(dataset, batch)
 
     return generate()
+
+
+def map_batches(fn, data: Any, batch_size: int) -> Any:
+    """``fn`` applied to a whole data set in fixed-size padded batches: the one forward evaluator.
+
+    ``fn(batch) -> pytree`` (leaves with a leading batch axis ``[B, ...]``) runs on batches of exactly
+    ``batch_size`` rows (the last padded, so a jitted ``fn`` compiles once for any data set size), in
+    order; the padding rows' results are dropped and the rest concatenated on the host.
+
+    Args:
+      fn: maps a batch dict (with ``"mask"``) to a pytree of per-example arrays.
+      data: a :class:`Dataset` or :class:`StreamedDataset` (read one batch at a time), or a dict of
+        host arrays with a common leading axis (cut into slices).
+      batch_size: rows per batch, >= 1.
+
+    Returns:
+      ``fn``'s output pytree with leaves ``[N, ...]`` (numpy).
+
+    Raises:
+      ValueError: an empty data set or an invalid batch size.
+    """
+    _check_batch_size(batch_size)
+    if isinstance(data, dict):
+        n = next(iter(data.values())).shape[0]
+        if n == 0:
+            raise ValueError("map_batches: the batch is empty.")
+        chunks = (pad_batch({k: v[s : s + batch_size] for k, v in data.items()}, batch_size)
+                  for s in range(0, n, batch_size))  # fmt: skip
+        pairs = ((c, c["mask"]) for c in chunks)
+    else:
+        pairs = ({**b, MASK: m} for b, m in padded_batches(data, batch_size))
+        pairs = ((b, b[MASK]) for b in pairs)
+    parts = []
+    for batch, mask in pairs:
+        real = int(np.sum(np.asarray(mask)))
+        parts.append(jax.tree_util.tree_map(lambda a, r=real: np.asarray(a)[:r], fn(batch)))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unlearn_jax import _validate
+from unlearn_jax.data.batching import map_batches
 from unlearn_jax.evaluation import mia
 
 TABLE_KEYS = ("UA", "RA", "TA", "MIA-Efficacy")
@@ -89,23 +90,21 @@ def _make_stats_fn(task: Any) -> Callable:
 
 
 def _per_example(task: Any, params: Any, data: Any, name: str, batch_size: int) -> dict:
-    """Per-example outputs, losses and correctness / squared error of a dataset, as numpy."""
-    batch = _as_batch(data, name)
-    n = _validate.batch_size(batch, name)
-    chunk = min(batch_size, n)
+    """Per-example outputs, losses and correctness / squared error of a dataset, as numpy.
+
+    A dataset (in memory or streamed) is read one padded batch at a time
+    (:func:`unlearn_jax.data.map_batches`); a dict or ``x``/``y`` object is cut into chunks the same
+    way."""
+    if not (hasattr(data, "ids") and hasattr(data, "x")):
+        data = _as_batch(data, name)
+        n = _validate.batch_size(data, name)
+    else:
+        n = len(data)
     fn = _stats_fn(task)
-    parts = []
-    for start in range(0, n, chunk):
-        valid = min(chunk, n - start)
-        if valid == chunk:
-            sub = {k: v[start : start + chunk] for k, v in batch.items()}
-        else:
-            rows = np.minimum(np.arange(start, start + chunk), n - 1)
-            sub = {k: v[rows] for k, v in batch.items()}
-        out = fn(params, sub)
-        parts.append({k: np.asarray(v)[:valid] for k, v in out.items()})
-    result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    result["targets"] = batch["y"]
+    result = map_batches(
+        lambda b: {**fn(params, {"x": b["x"], "y": b["y"]}), "targets": b["y"]}, data,
+        min(batch_size, n),
+    )  # fmt: skip
     for key in ("outputs", "losses"):
         if not np.all(np.isfinite(result[key])):
             raise ValueError(

@@ -63,6 +63,7 @@ from unlearn_jax import _validate
 from unlearn_jax.core.batch import row_mask
 from unlearn_jax.core.reductions import Reduced, Reduction
 from unlearn_jax.core.task import CLASSIFICATION, Task
+from unlearn_jax.data.batching import map_batches
 from unlearn_jax.methods.protocol import FORGET, TRAIN, Checks, Feeds, Statistic, Unlearner
 
 # Relative tolerance when comparing an example's fingerprint at removal with the one recorded when it
@@ -459,21 +460,20 @@ def model_features_fn(state: TrainState) -> FeaturesFn:
 
 
 def _dataset_features(features_fn, params, dataset, batch_size: int) -> np.ndarray:
-    """``[N, D]`` features of a dataset, in fixed-size (padded) chunks: one compilation."""
-    fn = jax.jit(features_fn)
-    x = np.asarray(dataset.x)
-    size = min(batch_size, len(x))
-    parts = []
-    for start in range(0, len(x), size):
-        chunk = x[start : start + size]
-        padded = np.concatenate([chunk, np.zeros((size - len(chunk), *x.shape[1:]), x.dtype)])
-        parts.append(np.asarray(fn(params, jnp.asarray(padded)))[: len(chunk)])
-    feats = np.concatenate(parts)
+    """``[N, D]`` features of a dataset in fixed-size padded batches (one compilation):
+    :func:`unlearn_jax.data.map_batches`."""
+    fn = _jitted_features(features_fn)
+    feats = map_batches(lambda b: fn(params, b["x"]), dataset, min(batch_size, len(dataset)))
     if feats.ndim != 2:
         raise ValueError(
             f"features_fn must return [B, D] features, got shape {feats.shape[1:]} per batch."
         )
     return feats
+
+
+@functools.cache
+def _jitted_features(features_fn):
+    return jax.jit(features_fn)
 
 
 def _head_targets(task: Task, y: np.ndarray) -> np.ndarray:
