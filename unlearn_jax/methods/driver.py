@@ -40,7 +40,6 @@ from unlearn_jax import _validate
 from unlearn_jax.core import reductions
 from unlearn_jax.core.batch import pad_batch
 from unlearn_jax.core.task import CLASSIFICATION, SEQUENCE, Task
-from unlearn_jax.data.batching import batches as dataset_batches
 from unlearn_jax.data.batching import padded_batches
 from unlearn_jax.data.dataset import by_class, concat
 from unlearn_jax.methods.protocol import (
@@ -253,7 +252,8 @@ def compute_statistics(
         out[name] = reductions.reduce(
             stat.reduction(task),
             params,
-            dataset_batches(dataset, rows),
+            # Padded on the host (no per-size device op), in data order.
+            ({**batch, "mask": mask} for batch, mask in padded_batches(dataset, rows)),
             key=jax.random.fold_in(key, i),
             rows=rows,
             stacked=stacked,
