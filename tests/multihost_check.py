@@ -378,7 +378,110 @@ def check_checkpoint(ctx: Context) -> dict[str, Any]:
     }
 
 
-CHECKS: dict[str, Callable[[Context], dict[str, Any]]] = {"checkpoint": check_checkpoint}
+# ---- the unlearning case: train, unlearn with SSD and NPO, save and restore -------------------------
+# A digits-sized classification problem and an MLP whose kernels are large enough (min_size 64) to be
+# split by FSDP over the 4 devices. The same function runs in one process without a mesh (the test's
+# reference) and in every process of the run on the global data x fsdp mesh.
+UNLEARN_RULES = sharding.ShardingRules(min_size=64)
+
+
+def unlearning_case():
+    """``(task, state, forget, retain, train_batch)``: deterministic, identical in every process."""
+    from flax.training.train_state import TrainState
+
+    from unlearn_jax.data import Dataset
+    from unlearn_jax.models import MLP, model_task
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 64)
+    x = (rng.normal(size=(4, 16))[y] + rng.normal(size=(64, 16))).astype(np.float32)
+    train = Dataset(x=x, y=y, ids=np.arange(64), num_classes=4)
+    model = MLP(num_outputs=4, hidden_sizes=(32,))
+    task = model_task(model)
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+    params = jax.tree.map(np.asarray, params)
+    state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-2))
+    batch = {"x": x, "y": y.astype(np.int32)}
+    return task, state, train.take(np.arange(8)), train.take(np.arange(8, 64)), batch
+
+
+def train_and_unlearn(mesh=None) -> dict[str, Any]:
+    """A few full-batch Adam steps, then SSD and NPO (each from the trained model) through
+    ``methods.unlearn``; returns the three parameter sets as host numpy (gathered from every
+    process under a multi-process mesh)."""
+    from unlearn_jax import methods
+
+    task, state, forget, retain, batch = unlearning_case()
+    placement = None if mesh is None else sharding.Placement(mesh, UNLEARN_RULES)
+
+    def step(s, b):
+        return s.apply_gradients(grads=jax.grad(task.batch_loss)(s.params, b))
+
+    if placement is None:
+        train_step = jax.jit(step)
+    else:
+        state_sh = placement.of(state)
+        state = jax.device_put(state, state_sh)
+        batch = placement.put_batch(batch)
+        train_step = jax.jit(step, in_shardings=(state_sh, placement.batch()),
+                             out_shardings=state_sh)  # fmt: skip
+    for _ in range(5):
+        state = train_step(state, batch)
+    mesh_kwargs = {} if mesh is None else {"mesh": mesh, "rules": UNLEARN_RULES}
+    ssd = methods.unlearn(methods.ssd(alpha=2.0, lam=0.5), state, task, forget, retain,
+                          key=jax.random.key(1), batch_size=16, **mesh_kwargs)  # fmt: skip
+    npo = methods.unlearn(methods.npo(optimizer=optax.adam(1e-2)), state, task, forget, retain,
+                          key=jax.random.key(2), steps=3, batch_size=16, **mesh_kwargs)  # fmt: skip
+    out = {"trained": state.params, "ssd": ssd.state.params, "npo": npo.state.params}
+    if mesh is not None:
+        from jax.experimental import multihost_utils
+
+        for tree in out.values():  # the shardings each step returned are the ones it was given
+            for leaf, want in zip(jax.tree.leaves(tree), jax.tree.leaves(placement.of(tree)),
+                                  strict=True):  # fmt: skip
+                assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
+        out = multihost_utils.process_allgather(out, tiled=True)
+    result = jax.tree.map(np.asarray, out)
+    result["ssd_selected"] = int(ssd.metrics["ssd/num_selected"][0])
+    result["npo_loss"] = [float(v) for v in npo.metrics["loss"]]
+    return result
+
+
+def check_unlearning(ctx: Context) -> dict[str, Any]:
+    """Train, unlearn with SSD and NPO on the global mesh, save the NPO model sharded, restore it
+    onto its sharding; returns the parameters (host lists) for the test to compare."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
+    out = train_and_unlearn(mesh)
+    # Save and restore the NPO result sharded (every process writes its own shards).
+    _task, state, *_ = unlearning_case()
+    placement = sharding.Placement(mesh, UNLEARN_RULES)
+    npo_state = jax.device_put(state.replace(params=out["npo"]), placement.of(state))
+    directory = ctx.workdir / "unlearned"
+    checkpoint.save_checkpoint(directory, npo_state, {"method": "npo"}, step=1)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          npo_state)  # fmt: skip
+    restored, meta = checkpoint.restore_checkpoint(directory, target)
+    from jax.experimental import multihost_utils
+
+    back = multihost_utils.process_allgather(restored.params, tiled=True)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(back), jax.tree.leaves(out["npo"]), strict=True))  # fmt: skip
+    return {
+        "params": {
+            k: jax.tree.map(lambda a: np.asarray(a).tolist(), out[k])
+            for k in ("trained", "ssd", "npo")
+        },
+        "ssd_selected": out["ssd_selected"],
+        "npo_loss": out["npo_loss"],
+        "restored_equal": bool(same),
+        "restored_method": meta["method"],
+    }
+
+
+CHECKS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "checkpoint": check_checkpoint,
+    "unlearning": check_unlearning,
+}
 
 
 def main(process_id: int, num_processes: int, port: int, workdir: str, checks: Sequence[str]):
