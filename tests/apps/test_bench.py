@@ -270,3 +270,19 @@ def test_distribution_compares_with_the_reference_in_both_directions(fake_setup)
         ra_unlearned=ra_u, ra_retrained=ra_r, ta_unlearned=ta_u, ta_retrained=ta_r,
     )  # fmt: skip
     assert scores == pytest.approx(want)
+
+
+def test_the_command_line_switches_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+    import jax
+
+    from unlearn_jax.apps import cli
+
+    monkeypatch.setenv("UNLEARN_JAX_CACHE_DIR", str(tmp_path / "xla"))
+    assert cli.default_cache_dir() == str(tmp_path / "xla")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        cli.enable_compilation_cache(cli.default_cache_dir())
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert (tmp_path / "xla").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -545,8 +545,37 @@ def cmd_verify(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- parser
+def default_cache_dir() -> str:
+    """JAX's persistent compilation cache of the command line: ``$UNLEARN_JAX_CACHE_DIR``, else
+    ``unlearn_jax/xla`` under the user's cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    if os.environ.get("UNLEARN_JAX_CACHE_DIR"):
+        return os.environ["UNLEARN_JAX_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "unlearn_jax", "xla")
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Switches on JAX's persistent compilation cache in ``directory``: a later command compiles
+    nothing it compiled before (the training step, each method's update, the statistics passes).
+    A library never does this itself; the command line does, unless ``--no-cache``."""
+    import jax
+
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every program that took a noticeable time to compile; tiny ones are cheaper to recompile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unlearn-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="JAX's persistent compilation cache (default: $UNLEARN_JAX_CACHE_DIR or "
+        "~/.cache/unlearn_jax/xla)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-cache", action="store_true", help="do not use the persistent compilation cache"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run the unlearning benchmark (the main job)")
@@ -641,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn_jax.checkpoint import CheckpointError
 
     try:
+        # UNLEARN_JAX_CACHE=off disables it too (the test suite does, to keep JAX's config local).
+        if not args.no_cache and os.environ.get("UNLEARN_JAX_CACHE", "on") != "off":
+            enable_compilation_cache(args.cache_dir or default_cache_dir())
         return args.func(args)
     except (CliError, ValueError, OSError, CheckpointError, FloatingPointError) as error:
         # Library errors name the problem and how to fix it: one line, no traceback.
