@@ -11,6 +11,7 @@ and are skipped for tracers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -115,18 +116,48 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def _finite_flags(leaves: list, stacked: bool) -> jax.Array:
+    """``[L]`` (or ``[L, M]`` per model when ``stacked``): whether each leaf is all finite."""
+
+    def one(a):
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.ones(a.shape[:1] if stacked else (), bool)
+        return jnp.all(jnp.isfinite(a), axis=tuple(range(1, a.ndim)) if stacked else None)
+
+    return jnp.stack([one(a) for a in leaves])
+
+
+def nonfinite(tree: Any, *, stacked: bool = False) -> tuple[str, int | None] | None:
+    """The first leaf of ``tree`` (and model, when ``stacked``: leaves carry a leading model axis)
+    that holds a NaN or infinity, as ``(path, model)``; ``None`` when everything is finite.
+
+    One jitted reduction and one host copy for the whole tree (never one per leaf).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    arrays = list(flat)
+    if not arrays:
+        return None
+    flags = np.asarray(_finite_flags([jnp.asarray(leaf) for _, leaf in arrays], stacked))
+    bad = np.argwhere(~flags)
+    if bad.size == 0:
+        return None
+    leaf = int(bad[0][0])
+    where = jax.tree_util.keystr(arrays[leaf][0]) or "<root>"
+    return where, (int(bad[0][1]) if stacked else None)
+
+
 def finite(tree: Any, name: str) -> None:
     """Raises ``ValueError`` naming the first leaf of ``tree`` that holds a NaN or infinity.
 
-    Tracers (inside ``jit``) are skipped: the check needs values.
+    The library's one finiteness check of a pytree (:func:`nonfinite`). Tracers (inside ``jit``)
+    are skipped: the check needs values.
     """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not _is_concrete(leaf):
-            continue
-        arr = jnp.asarray(leaf)
-        if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
-            where = jax.tree_util.keystr(path) or "<root>"
-            raise ValueError(f"{name}{where} contains NaN or infinite values.")
+    if any(not _is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(tree)):
+        return
+    found = nonfinite(tree)
+    if found is not None:
+        raise ValueError(f"{name}{found[0]} contains NaN or infinite values.")
 
 
 def scalar_output(value: Any, fn_name: str) -> None:

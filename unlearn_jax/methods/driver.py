@@ -388,19 +388,6 @@ def compiled_steps(
     return _compiled(method.init, method.update, task, stacked, shardings)
 
 
-@functools.partial(jax.jit, static_argnames=("stacked",))
-def _all_finite(params, stacked: bool):
-    """Whether every parameter is finite (per model when ``stacked``): one reduction, one copy."""
-
-    def leaf_ok(a):
-        axes = tuple(range(1, a.ndim)) if stacked else None
-        return jnp.all(jnp.isfinite(a), axis=axes)
-
-    return functools.reduce(
-        jnp.logical_and, [leaf_ok(a) for a in jax.tree_util.tree_leaves(params)]
-    )
-
-
 def _copy(tree):
     """Fresh buffers for every array leaf: the steps donate their inputs, never the caller's."""
     return jax.tree_util.tree_map(lambda a: a.copy() if isinstance(a, jax.Array) else a, tree)
@@ -538,15 +525,16 @@ def _run(
         bar.close()
     jax.block_until_ready(params)
     wall = time.perf_counter() - start
-    bad = np.flatnonzero(~np.asarray(_all_finite(params, stacked)).reshape(-1))
-    if bad.size:
+    found = _validate.nonfinite(params, stacked=stacked)
+    if found is not None:
+        where, model = found
         error = NonFiniteLossError(
-            f"{method.name}: the parameters became NaN or infinite"
-            + (f" for model {int(bad[0])}" if stacked else "")
-            + "; unlearning was stopped so that no NaN model is returned (the exception's "
+            f"{method.name}: the parameters became NaN or infinite (params{where}"
+            + (f", model {model}" if stacked else "")
+            + "); unlearning was stopped so that no NaN model is returned (the exception's "
             "last_finite_state holds the last checked state).",
             total - 1,
-            int(bad[0]) if stacked else None,
+            model,
         )
         error.last_finite_state = last_good
         raise error
