@@ -7,7 +7,8 @@ names with the recipes here), gradient transforms (:mod:`~.transforms`, optax tr
 composed with :func:`chain`) and any optax optimizer (:mod:`~.gradient`). One-shot and closed-form
 methods implement the same protocol: second-order (:mod:`~.ssd`, :mod:`~.influence`,
 :mod:`~.woodfisher`, :mod:`~.iau`) and exact (:mod:`~.analytic`; :mod:`~.certified` for linear
-models). Whole methods compose with :func:`sequence`.
+models); output matching (:mod:`~.matching`: oracle matching, DMM). Whole methods compose with
+:func:`sequence`.
 """
 
 from unlearn_jax.methods import objectives, transforms
@@ -48,6 +49,7 @@ from unlearn_jax.methods.gradient import (
 )
 from unlearn_jax.methods.iau import gradient_restriction, iau
 from unlearn_jax.methods.influence import influence_removal
+from unlearn_jax.methods.matching import MatchingTargets, dmm, matching_targets, oracle_matching
 from unlearn_jax.methods.protocol import (
     Checks,
     Feeds,
@@ -77,6 +79,7 @@ __all__ = [
     "GradientMethodState",
     "GradientRecipe",
     "GradientTransform",
+    "MatchingTargets",
     "NonFiniteLossError",
     "NotLearnedError",
     "Phase",
@@ -93,6 +96,7 @@ __all__ = [
     "certified_remove",
     "chain",
     "compute_statistics",
+    "dmm",
     "finetune",
     "fit_analytic_head",
     "from_optax",
@@ -105,8 +109,10 @@ __all__ = [
     "influence_removal",
     "l1_sparse",
     "lfssd",
+    "matching_targets",
     "npo",
     "objectives",
+    "oracle_matching",
     "random_label",
     "saliency_mask",
     "salun",
