@@ -73,8 +73,8 @@ from unlearn_jax.methods.analytic import (  # noqa: E402
     model_features_fn,
     with_head,
 )
-from unlearn_jax.methods.driver import unlearn  # noqa: E402
 from unlearn_jax.methods.certified import certified_fit, certified_remove  # noqa: E402
+from unlearn_jax.methods.driver import unlearn  # noqa: E402
 from unlearn_jax.methods.iau import iau  # noqa: E402
 from unlearn_jax.methods.influence import influence_removal  # noqa: E402
 from unlearn_jax.methods.ssd import full_data_importances, lfssd, ssd  # noqa: E402
@@ -117,7 +117,7 @@ def get_config():
             # The reference code's batch-mean estimator with its full-class script's loaders.
             "ssd ref (bm 10/1)": lambda c: ssd(
                 10.0, 1.0, importance="batch_mean", protocol="full_class"
-            ),  # fmt: skip
+            ),
             "newton (ggn, 1e-3)": newton(1e-3),
             "woodfisher (10)": lambda c: woodfisher(alpha=10.0, num_grads=1000),
             "iau (adam 1e-2)": lambda c: iau(1e-2),
@@ -128,7 +128,7 @@ def get_config():
             # ... and with its random-forgetting script's loaders.
             "ssd ref (bm 10/1)": lambda c: ssd(
                 10.0, 1.0, importance="batch_mean", protocol="random"
-            ),  # fmt: skip
+            ),
             "newton (ggn, 1e-2)": newton(1e-2),
             "woodfisher (1)": lambda c: woodfisher(alpha=1.0, num_grads=1000),
             "iau (adam 1e-3)": lambda c: iau(1e-3),
