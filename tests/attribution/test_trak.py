@@ -1,6 +1,7 @@
 """TRAK: exact leave-one-out on least squares, block-streamed scores against the one-shot formula,
 the on-disk cache, and the score store's block reads."""
 
+import dataclasses
 import functools
 
 import jax
@@ -88,6 +89,9 @@ def test_identity_trak_on_least_squares_is_the_exact_leave_one_out_effect():
         qx = np.concatenate([np.ones((4, 1)), np.asarray(queries.x, np.float64)], axis=1)
         newton = design @ np.linalg.solve(design.T @ design, qx.T) * residual[:, None]
         np.testing.assert_allclose(tau, newton, rtol=1e-9, atol=1e-12)
+        # A squared error has curvature 1 in the prediction: the weighted form is the same.
+        weighted = T.TRAK(task, [theta], train, dataclasses.replace(spec, curvature=True))
+        np.testing.assert_allclose(weighted.scores(queries).array, tau, rtol=1e-12)
 
 
 @pytest.mark.parametrize("per_class", [False, True])
@@ -124,7 +128,18 @@ def test_the_cache_is_reused_by_later_requests(tmp_path, monkeypatch):
         subset.inverse(0), np.linalg.inv(phi.T @ phi + 0.5 * np.eye(12)), rtol=1e-4, atol=1e-6
     )
     assert len(list(tmp_path.glob("features-*/meta.json"))) == 2
+    # The curvature-weighted Gram Phi^T diag(p (1 - p)) Phi, from the same cached features.
+    curved = T.TRAK(
+        task, checkpoints[:1], train, dataclasses.replace(other, curvature=True), cache_dir=tmp_path
+    )
+    z = np.asarray(jax.jit(task.apply)(checkpoints[0], train.x), np.float64)
+    p_y = np.exp(z - np.log(np.exp(z).sum(1, keepdims=True)))[np.arange(9), train.y]
+    np.testing.assert_allclose(
+        curved.gram(0), phi.T @ (phi * (p_y * (1 - p_y))[:, None]), rtol=1e-4, atol=1e-7
+    )
     assert len(list(tmp_path.glob("features-*/inverse-*.npy"))) == 3  # lam 0.1 twice, 0.5 once
+    with pytest.raises(ValueError, match="loss is linear in it"):
+        T.TRAK(task, checkpoints, train, T.TRAKSpec(output="logit", curvature=True))
 
 
 def test_matching_context_builds_the_targets_of_om_and_dmm():

@@ -249,12 +249,16 @@ class Featurized(NamedTuple):
       out_to_loss: ``[N]`` :math:`Q_i`, as ``values`` (``None`` per class).
       gram: ``[k, k]`` float64 :math:`\\Phi^\\top\\Phi` of the STORED (rounded) features when asked,
         else ``None``.
+      curvature_gram: ``[k, k]`` float64 :math:`\\Phi^\\top R \\Phi` with the output's curvature
+        :math:`R_i` (:meth:`~unlearn_jax.attribution.outputs.OutputFunction.curvature`) when asked
+        and the output has one, else ``None``.
     """
 
     features: Any
     values: np.ndarray | None
     out_to_loss: np.ndarray | None
     gram: np.ndarray | None
+    curvature_gram: np.ndarray | None = None
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -267,6 +271,11 @@ def _add_gram(gram, phi, mask):
 def _values(function, f, batch):
     """``(f [B], Q [B])`` of one batch (one program per output function)."""
     return f, function.out_to_loss(f, batch).astype(f.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _curvature(function, f, mask):
+    return function.curvature(f, {}).astype(f.dtype) * mask.astype(f.dtype)
 
 
 def _batches(dataset: Any, batch_size: int) -> Iterator[tuple[Batch, jax.Array, int]]:
@@ -295,8 +304,9 @@ def featurize(
       per_class: per-class query features (:func:`class_features`) instead, ``[N, K, k]``.
       batch_size: rows per step; every step has this shape (the last batch is padded), so a data
         set of any size compiles once.
-      gram: also accumulate :math:`\Phi^\top \Phi` (in float32 on the device, float64 when the
-        features are) from the stored features.
+      gram: also accumulate :math:`\Phi^\top \Phi` and, when the output has a curvature,
+        :math:`\Phi^\top R \Phi` (in float32 on the device, float64 when the features are) from
+        the stored features.
       out: an array to write the features into (e.g. ``numpy.lib.format.open_memmap`` of the
         right shape and ``spec.storage_dtype``): the features are then never in memory whole.
 
@@ -319,7 +329,8 @@ def featurize(
     scalar = np.float64 if spec.dtype == "float64" else np.float32
     values = None if per_class else np.zeros((n,), scalar)
     weights = None if per_class else np.zeros((n,), scalar)
-    acc = None
+    acc = curved = None
+    weighted = gram and function.name in (_outputs.MARGIN, _outputs.PREDICTION)
     start = 0
     for batch, mask, real in _batches(dataset, batch_size):
         batch = {k: v for k, v in batch.items() if k != "id"}
@@ -327,6 +338,7 @@ def featurize(
             phi = class_features(task, params, batch, spec)
         else:
             f, phi = example_features(task, params, batch, spec, output=function.name)
+            r = _curvature(function, f, mask) if weighted else None
             f, q = (np.asarray(a) for a in _values(function, f, {"y": batch["y"]}))
             values[start : start + real] = f[:real]
             weights[start : start + real] = q[:real]
@@ -335,7 +347,11 @@ def featurize(
         if gram:
             if acc is None:
                 acc = jnp.zeros((stored.shape[1], stored.shape[1]), computed.dtype)
-            acc = _add_gram(acc, jnp.asarray(stored.astype(computed.dtype)), mask)
+                curved = jnp.zeros_like(acc) if weighted else None
+            rounded = jnp.asarray(stored.astype(computed.dtype))
+            acc = _add_gram(acc, rounded, mask)
+            if weighted:
+                curved = _add_gram(curved, rounded, r)
         if out is None:
             out = np.zeros((n, *stored.shape[1:]), spec.storage_dtype)
         elif tuple(out.shape) != (n, *stored.shape[1:]) or np.dtype(out.dtype) != stored.dtype:
@@ -346,7 +362,8 @@ def featurize(
         out[start : start + real] = stored[:real]
         start += real
     gram_out = None if acc is None else np.asarray(acc, np.float64)
-    return Featurized(out, values, weights, gram_out)
+    curved_out = None if curved is None else np.asarray(curved, np.float64)
+    return Featurized(out, values, weights, gram_out, curved_out)
 
 
 __all__ = [

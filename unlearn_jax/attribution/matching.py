@@ -65,7 +65,8 @@ class MatchingContext:
       num_oracles: OM's ``K``, the oracles whose mean logits are the targets (10 in the paper).
       num_checkpoints: TRAK's checkpoints, the first originals (16).
       spec: TRAK's :class:`~unlearn_jax.attribution.TRAKSpec` (default: 16 x 16 Kronecker
-        projections per layer, lambda = 0.1 mean diag, the best LDS on the digits MLP).
+        projections per layer, lambda = 0.1 mean diag, the curvature-weighted (Newton) form,
+        whose predicted effects have the scale of actual ones, so DMM's c = 1 applies).
       cache_dir: TRAK's cache (``None``: in memory; the per-class score matrix is ``n x n x C``
         float32, 83 MB for digits).
     """
@@ -86,7 +87,7 @@ class MatchingContext:
         self.task, self.train = task, train
         self.originals, self.oracles = originals, oracles
         self.num_oracles, self.num_checkpoints = num_oracles, num_checkpoints
-        self.spec = spec or TRAKSpec(kronecker(16, 16), lam=0.1, relative_lam=True)
+        self.spec = spec or TRAKSpec(kronecker(16, 16), lam=0.1, relative_lam=True, curvature=True)
         self.cache_dir = cache_dir
 
     @functools.cached_property

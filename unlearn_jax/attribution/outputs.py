@@ -16,7 +16,9 @@ name                  :math:`f` per example (outputs ``[B, K]`` or ``[B, T, V]``
 
 For the margin, :math:`p_y = \sigma(f)` and :math:`\ell = -\log \sigma(f)`, so
 :math:`Q = 1 - \sigma(f) = \sigma(-f)`; for the log-likelihood :math:`\ell = -f` and :math:`Q = 1`;
-for a regressor with :math:`\ell = \tfrac12 (f - y)^2`, :math:`Q = y - f` (the residual).
+for a regressor with :math:`\ell = \tfrac12 (f - y)^2`, :math:`Q = y - f` (the residual). The
+curvature :math:`R = \partial^2\ell/\partial f^2` (:meth:`OutputFunction.curvature`) is
+:math:`p_y(1 - p_y)` for the margin and 1 for the prediction.
 
 Each function is a frozen dataclass, so it is hashable and compiled statistics keyed on it
 (:mod:`unlearn_jax.core.layer_stats`) are reused across calls.
@@ -85,6 +87,24 @@ class OutputFunction:
                 f"shape {tuple(outputs.shape)}."
             )
         return outputs[:, 0]
+
+    def curvature(self, values: jax.Array, batch: Batch) -> jax.Array:
+        r"""The loss's curvature in the output, :math:`R = \partial^2\ell/\partial f^2`, ``[B]``:
+        :math:`p_y (1 - p_y) = Q (1 - Q)` for the margin, 1 for a regressor's prediction.
+
+        Raises:
+          ValueError: for ``"log_likelihood"`` (the loss :math:`-f` is linear in :math:`f`) and
+            ``"logit"`` (no loss is a function of one logit).
+        """
+        del batch
+        if self.name == MARGIN:
+            return jax.nn.sigmoid(values) * jax.nn.sigmoid(-values)
+        if self.name == PREDICTION:
+            return jnp.ones_like(values)
+        raise ValueError(
+            f"the {self.name!r} output has no curvature weights (its loss is linear in it, or it is "
+            "a query output); use TRAKSpec(curvature=False)."
+        )
 
     def out_to_loss(self, values: jax.Array, batch: Batch) -> jax.Array:
         r"""TRAK's weights :math:`Q = -\partial\ell/\partial f`, ``[B]``, from ``values = f [B]``.

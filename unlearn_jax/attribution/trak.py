@@ -16,7 +16,12 @@ class's logit for per-class scores). The score of training example ``i`` for que
 
 TRAK's estimator: the kernel part and the weights are averaged over checkpoints separately (as
 the reference implementation's ``finalize_scores`` does; the paper's optional soft-thresholding
-is not applied). :math:`\tau_{ij}` predicts the change of query ``j``'s output when example ``i``
+is not applied). ``TRAKSpec(curvature=True)`` uses :math:`A_m = (\Phi_m^\top R_m \Phi_m +
+\lambda I)^{-1}` instead, :math:`R_i = p_i (1 - p_i)`: the one-step Newton step of the linearised
+logistic model before TRAK's simplification :math:`R = I`. On the digits MLP both rank alike, but
+only the weighted form has the scale of actual changes: the predicted change of the logits when
+10% of the training set is removed regresses on the actual one (64 retrained models) with slope
+1.1, against about 30 for the unweighted scores. :math:`\tau_{ij}` predicts the change of query ``j``'s output when example ``i``
 is added to the training set (removing it changes the output by about :math:`-\tau_{ij}`); for a
 least-squares model with the identity projection it is exactly the one-step (Newton) influence
 :math:`\phi_i^\top (\Phi^\top\Phi + \lambda I)^{-1} \psi_j\,(y_i - f_i)`, which leave-one-out
@@ -72,6 +77,14 @@ class TRAKSpec:
         is 0; a projection wider than the number of training examples needs :math:`\lambda > 0`).
       relative_lam: if True, :math:`\lambda` is ``lam`` times the mean diagonal of
         :math:`\Phi_m^\top\Phi_m` (per checkpoint): one setting for every projection size.
+      curvature: if True, weight the Gram matrix by the loss's curvature in the output,
+        :math:`A_m = (\Phi_m^\top R_m \Phi_m + \lambda I)^{-1}` with :math:`R_i = p_i(1 - p_i)`
+        for the margin (:meth:`~unlearn_jax.attribution.outputs.OutputFunction.curvature`): the
+        one-step Newton influence of a logistic model, which TRAK derives and then simplifies to
+        :math:`R = I` (its section 3). The simplification keeps the ranking roughly (the LDS) but
+        not the scale: with :math:`p_i \approx 1` on the training set, :math:`Q_i` shrinks the
+        scores while :math:`R` is no longer there to compensate. Predictions of actual changes
+        (DMM's targets) need the weighted form (module docstring).
       output: the training output function (default: the task's, e.g. the margin).
       batch_size: rows per featurization step.
     """
@@ -79,6 +92,7 @@ class TRAKSpec:
     features: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
     lam: float = 0.0
     relative_lam: bool = False
+    curvature: bool = False
     output: str | None = None
     batch_size: int = 256
 
@@ -97,6 +111,7 @@ class _Checkpoint:
     values: np.ndarray  # [n]
     out_to_loss: np.ndarray  # [n]
     gram: np.ndarray  # [k, k] float64
+    curvature_gram: np.ndarray | None  # [k, k] float64, Phi^T R Phi
     digest: str
     directory: Path | None
 
@@ -105,7 +120,7 @@ def _checkpoint(task, params, train, spec: TRAKSpec, output: str, root: Path | N
     """Featurizes one checkpoint, or finds it in the cache."""
     fspec = spec.features
     key = _store.digest(
-        "trak-features-v1",
+        "trak-features-v2",
         _model_id(task),
         fspec.describe(),
         output,
@@ -117,7 +132,13 @@ def _checkpoint(task, params, train, spec: TRAKSpec, output: str, root: Path | N
             task, params, train, fspec, output=output, batch_size=spec.batch_size, gram=True
         )
         return _Checkpoint(
-            result.features, result.values, result.out_to_loss, result.gram, key, None
+            result.features,
+            result.values,
+            result.out_to_loss,
+            result.gram,
+            result.curvature_gram,
+            key,
+            None,
         )
     directory = root / f"features-{key[:24]}"
     meta = _store.read_meta(directory)
@@ -140,6 +161,8 @@ def _checkpoint(task, params, train, spec: TRAKSpec, output: str, root: Path | N
         _store.save(directory / "values.npy", result.values)
         _store.save(directory / "out_to_loss.npy", result.out_to_loss)
         _store.save(directory / "gram.npy", result.gram)
+        if result.curvature_gram is not None:
+            _store.save(directory / "curvature_gram.npy", result.curvature_gram)
         meta = {
             "kind": "trak-features",
             "digest": key,
@@ -155,9 +178,14 @@ def _checkpoint(task, params, train, spec: TRAKSpec, output: str, root: Path | N
         np.asarray(_store.load(directory / "values.npy")),
         np.asarray(_store.load(directory / "out_to_loss.npy")),
         np.asarray(_store.load(directory / "gram.npy")),
+        _load_optional(directory / "curvature_gram.npy"),
         key,
         directory,
     )
+
+
+def _load_optional(path: Path) -> np.ndarray | None:
+    return np.asarray(_store.load(path)) if path.exists() else None
 
 
 def _model_id(task: Task) -> str:
@@ -226,6 +254,11 @@ class TRAK:
         self.train = train
         self.output = spec.output or _outputs.default_output(task)
         _outputs.check_output(task, self.output)
+        if spec.curvature and self.output not in (_outputs.MARGIN, _outputs.PREDICTION):
+            raise ValueError(
+                f"TRAKSpec(curvature=True) needs an output whose loss curves in it (the margin, a "
+                f"prediction); the {self.output!r} loss is linear in it."
+            )
         if len(train) == 0:
             raise ValueError(f"{train.name or 'train'} is empty.")
         self.params = _unstack(checkpoints, stacked)
@@ -261,12 +294,17 @@ class TRAK:
             return self._checkpoints[m].out_to_loss
         return np.mean([c.out_to_loss for c in self._checkpoints], axis=0, dtype=np.float64)
 
+    def gram(self, m: int) -> np.ndarray:
+        """:math:`\\Phi_m^\\top\\Phi_m`, or :math:`\\Phi_m^\\top R_m \\Phi_m` with ``curvature``,
+        ``[k, k]`` float64."""
+        ckpt = self._checkpoints[m]
+        return ckpt.curvature_gram if self.spec.curvature else ckpt.gram
+
     def lam(self, m: int) -> float:
         """The :math:`\\lambda` of checkpoint ``m`` (absolute, after ``relative_lam``)."""
         if not self.spec.relative_lam:
             return float(self.spec.lam)
-        gram = self._checkpoints[m].gram
-        return float(self.spec.lam * np.mean(np.diag(gram)))
+        return float(self.spec.lam * np.mean(np.diag(self.gram(m))))
 
     def inverse(self, m: int) -> np.ndarray:
         """:math:`A_m = (\\Phi_m^\\top\\Phi_m + \\lambda I)^{-1}`, ``[k, k]`` (computed in float64 by a
@@ -282,11 +320,13 @@ class TRAK:
         dtype = np.float64 if self.spec.features.dtype == "float64" else np.float32
         path = None
         if ckpt.directory is not None:
-            path = ckpt.directory / f"inverse-{_store.digest(lam, np.dtype(dtype).str)[:16]}.npy"
+            tag = _store.digest(lam, np.dtype(dtype).str, self.spec.curvature)[:16]
+            path = ckpt.directory / f"inverse-{tag}.npy"
             if path.exists():
                 self._inverses[m] = _store.load(path)
                 return self._inverses[m]
-        matrix = ckpt.gram + lam * np.eye(ckpt.gram.shape[0])
+        gram = self.gram(m)
+        matrix = gram + lam * np.eye(gram.shape[0])
         try:
             factor = scipy.linalg.cho_factor(matrix, lower=True)
         except np.linalg.LinAlgError as error:
@@ -347,9 +387,10 @@ class TRAK:
         shape = (n, n_q, classes) if per_class else (n, n_q)
         dtype = np.float64 if self.spec.features.dtype == "float64" else np.float32
         key = _store.digest(
-            "trak-scores-v1",
+            "trak-scores-v2",
             [c.digest for c in self._checkpoints],
             [self.lam(i) for i in range(m_count)],
+            self.spec.curvature,
             self.spec.features.describe(),
             query_output,
             per_class,
