@@ -45,7 +45,7 @@ from flax.core import meta as flax_meta
 from flax.training import train_state as flax_train_state
 
 from unlearn_jax import _validate
-from unlearn_jax.core.task import CLASSIFICATION, Task
+from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE, Task
 
 TrainState = flax_train_state.TrainState
 History = dict[str, list[float]]
@@ -53,6 +53,8 @@ Regularizer = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
 
 DEFAULT_EVAL_BATCH_SIZE = 1024
 _ROW_BUCKET = 128
+# The per-epoch metric of each task kind: accuracy, squared error, weighted next-token accuracy.
+_METRICS = {CLASSIFICATION: "acc", REGRESSION: "mse", SEQUENCE: "token_acc"}
 
 
 class RetrainResult(NamedTuple):
@@ -163,8 +165,9 @@ def _padded_rows(n: int) -> int:
 
 
 def _device_data(ds: Any, weights: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
-    """``{"x", "y", "id"}`` padded to :func:`_padded_rows` rows (copies of row 0, id -1), on device,
-    and the weights ``[..., N]`` padded with zeros (padding rows never count)."""
+    """``{"x", "y", "id"}`` (and the token ``"weights"`` ``[N, T]`` of a sequence dataset) padded to
+    :func:`_padded_rows` rows (copies of row 0, id -1), on device, and the member weights
+    ``[..., N]`` padded with zeros (padding rows never count)."""
     n = len(ds.ids)
     pad = _padded_rows(n) - n
     fill = np.zeros((pad,), np.int64)
@@ -173,6 +176,10 @@ def _device_data(ds: Any, weights: np.ndarray) -> tuple[dict[str, jax.Array], ja
         "y": np.concatenate([ds.y, ds.y[fill]]),
         "id": np.concatenate([np.asarray(ds.ids, np.int64), np.full((pad,), -1)]).astype(np.int32),
     }
+    token_weights = getattr(ds, "weights", None)
+    if token_weights is not None:
+        # The loss of a sequence counts the answer tokens only (Task.output_losses reads them).
+        data["weights"] = np.concatenate([token_weights, token_weights[fill]])
     weights = np.concatenate([weights, np.zeros((*weights.shape[:-1], pad), np.float32)], axis=-1)
     return {k: jnp.asarray(v) for k, v in data.items()}, jnp.asarray(weights)
 
@@ -270,9 +277,11 @@ def _eval_chunk(params, data, weights, start, *, task, chunk, many):
     def one(params, weights):
         w = jnp.where(valid, jnp.take(weights, rows), jnp.zeros((), weights.dtype))
         outputs = task.batch_outputs(params, batch)
-        losses = task.output_losses(outputs, batch["y"])
+        losses = task.output_losses(outputs, batch["y"], batch.get("weights"))
         if task.kind == CLASSIFICATION:
             metric = (jnp.argmax(outputs, axis=-1) == batch["y"]).astype(losses.dtype)
+        elif task.kind == SEQUENCE:
+            metric = _token_accuracy(outputs, batch["y"], batch.get("weights"))
         else:
             err = jnp.square(outputs - batch["y"].reshape(outputs.shape))
             metric = jnp.mean(err.reshape(chunk, -1), axis=-1)
@@ -281,6 +290,21 @@ def _eval_chunk(params, data, weights, start, *, task, chunk, many):
     if many:
         return jax.vmap(one)(params, weights)
     return one(params, weights)
+
+
+def _token_accuracy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> jax.Array:
+    r"""Per-sequence weighted next-token accuracy ``[B]``:
+    :math:`\sum_t w_t [\arg\max_v z_{tv} = y_t] / \sum_t w_t` (every position when ``weights`` is
+    ``None``; 0 for a row without weighted tokens).
+
+    Shapes: ``logits [B, T, V]``, ``targets [B, T]``, ``weights [B, T]``.
+    """
+    hits = (jnp.argmax(logits, axis=-1) == targets).astype(logits.dtype)
+    if weights is None:
+        return jnp.mean(hits, axis=-1)
+    weights = weights.astype(logits.dtype)
+    total = jnp.sum(weights, axis=-1)
+    return jnp.sum(weights * hits, axis=-1) / jnp.where(total > 0, total, 1.0)
 
 
 # ---- input checks --------------------------------------------------------------------------------
@@ -312,6 +336,9 @@ def _check_task_data(task: Task, params: Any, ds: Any, name: str) -> None:
     out = jax.eval_shape(
         task.apply, params, jax.ShapeDtypeStruct((1, *np.shape(ds.x)[1:]), ds.x.dtype)
     )
+    if task.kind == SEQUENCE:
+        _check_sequence_data(out.shape, ds, name)
+        return
     if len(out.shape) != 2:
         raise ValueError(
             f"task.apply must return outputs [B, K], got shape {out.shape} for a batch of 1."
@@ -333,6 +360,39 @@ def _check_task_data(task: Task, params: Any, ds: Any, name: str) -> None:
         raise ValueError(
             f"{name} has regression targets of shape {y.shape[1:]} per example but the model has {k} "
             "outputs; they must have the same size."
+        )
+
+
+def _check_sequence_data(out_shape: tuple[int, ...], ds: Any, name: str) -> None:
+    """A sequence model's logits ``[1, T, V]`` against next tokens ``y [N, T]`` in ``[0, V)`` and
+    token weights ``[N, T]`` (the answer tokens the loss counts)."""
+    x_shape = tuple(np.shape(ds.x))
+    if len(out_shape) != 3 or out_shape[:2] != (1, x_shape[1] if len(x_shape) > 1 else -1):
+        raise ValueError(
+            f"a sequence task.apply must return logits [B, T, V] for tokens [B, T]; got shape "
+            f"{out_shape} for {name}'s inputs of shape (1, {', '.join(map(str, x_shape[1:]))})."
+        )
+    vocab = out_shape[2]
+    y = np.asarray(ds.y)
+    if y.shape != x_shape or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{name} must hold next-token targets y of the shape of x {x_shape} as integers, got "
+            f"dtype {y.dtype} shape {y.shape}."
+        )
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= vocab):
+        raise ValueError(
+            f"{name} has target tokens in [{int(y.min())}, {int(y.max())}] but the model's "
+            f"vocabulary has {vocab} tokens; set num_outputs to the vocabulary size."
+        )
+    weights = getattr(ds, "weights", None)
+    if weights is None:
+        raise ValueError(
+            f"{name} has no token weights; a sequence task trains on the weighted (answer) tokens: "
+            "build the Dataset with weights [N, T] (e.g. unlearn_jax.data.facts.encode_qa's)."
+        )
+    if np.shape(weights) != x_shape:
+        raise ValueError(
+            f"{name}.weights must have the shape of x {x_shape}, got {np.shape(weights)}."
         )
 
 
@@ -440,7 +500,7 @@ def _train(
         )
         test_eval = _eval_data(test, test_w, eval_batch_size)
 
-    metric = "acc" if task.kind == CLASSIFICATION else "mse"
+    metric = _METRICS[task.kind]
     history: dict[str, list] = {"loss": [], f"train_{metric}": []}
     if regularizer is not None:
         history["regularizer"] = []
@@ -569,7 +629,8 @@ def fit(
       key: PRNG key of the batch order (the only randomness in training).
       test: optional held-out ``Dataset`` evaluated after every epoch.
       regularizer: optional ``R(params, batch, mask) -> scalar`` added to the mean loss. ``batch`` is
-        the padded batch ``{"x": [B, ...], "y": [B], "id": [B]}`` (padding rows have id -1) and
+        the padded batch ``{"x": [B, ...], "y": [B], "id": [B]}`` (plus ``"weights" [B, T]`` for a
+        sequence dataset; padding rows have id -1) and
         ``mask [B]`` float32 the per-row weights ``m_i`` (0 on padding rows), which ``R`` must respect.
         ``R`` may itself call ``jax.grad`` (e.g. a gradient-norm penalty): the step differentiates
         through it (double backpropagation).
@@ -584,11 +645,18 @@ def fit(
       floats: ``"loss"`` (mean training loss over the epoch's steps, weighted by ``m``; the
       regularizer excluded), ``"train_acc"`` and ``"test_acc"`` (classification; accuracy of the
       end-of-epoch parameters over the members, resp. the test set) or ``"train_mse"`` and
-      ``"test_mse"`` (regression; mean over examples and outputs of the squared error), and
-      ``"regularizer"`` (mean over steps) when one is given. ``test_*`` only with ``test``.
+      ``"test_mse"`` (regression; mean over examples and outputs of the squared error) or
+      ``"train_token_acc"`` and ``"test_token_acc"`` (sequence; mean over sequences of the weighted
+      next-token accuracy on the answer tokens), and ``"regularizer"`` (mean over steps) when one
+      is given. ``test_*`` only with ``test``.
+
+    Sequence tasks. A sequence dataset (token ``weights [N, T]``, e.g. :func:`unlearn_jax.data.load`
+    ``("facts")``) trains on :math:`\ell_i = -\sum_t w_{it} \log p_\theta(y_{it} | x_{i, \le t})`:
+    only the answer tokens count, summed per sequence, then averaged over the batch's rows as above.
 
     Raises:
-      ValueError: empty data, labels outside ``[0, K)``, task kind not matching the data, bad mask or
+      ValueError: empty data, labels outside ``[0, K)`` (target tokens outside the vocabulary),
+        a sequence dataset without token weights, task kind not matching the data, bad mask or
         hyper-parameters.
       TypeError: a regularizer returning a non-scalar, a non-Task task.
       FloatingPointError: a non-finite loss (the message gives the epoch and step) or parameters.
