@@ -43,7 +43,7 @@ import numpy as np
 
 from unlearn_jax import _validate
 from unlearn_jax.core.batch import masked_mean, row_mask
-from unlearn_jax.core.task import CLASSIFICATION, Task
+from unlearn_jax.core.task import CLASSIFICATION, SEQUENCE, Task
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -700,24 +700,446 @@ def l1_norm(*, decay: str = "linear") -> Term:
     )
 
 
+# ---- language models: alternate answers, sequence KL, representation steering -------------------
+def dpo_loss(
+    chosen_log_likelihood: jax.Array,
+    chosen_ref_log_likelihood: jax.Array,
+    rejected_log_likelihood: jax.Array,
+    rejected_ref_log_likelihood: jax.Array,
+    beta: float,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    r"""Direct preference optimisation of a chosen answer :math:`a_w` over a rejected one :math:`a_l`.
+
+    .. math::
+        L = -\frac{2}{\beta}\,\frac1B \sum_i \log \sigma\Bigl(\beta\Bigl[
+            \log\frac{\pi_\theta(a_{w,i}|x_i)}{\pi_{\text{ref}}(a_{w,i}|x_i)}
+            - \log\frac{\pi_\theta(a_{l,i}|x_i)}{\pi_{\text{ref}}(a_{l,i}|x_i)}\Bigr]\Bigr)
+
+    with sequence log-likelihoods (summed over the answer tokens). Rafailov et al.'s loss is
+    :math:`\tfrac{\beta}{2}` times this one (same minimisers); the :math:`2/\beta` scaling is the
+    NPO paper's and its code's for IdkDPO (and open-unlearning's), so that, like NPO, its gradient
+    at :math:`\pi_\theta = \pi_{\text{ref}}` is that of :math:`\log\pi_\theta(a_w|x) -
+    \log\pi_\theta(a_l|x)` with weight 1. Dropping the chosen answer gives NPO
+    (:func:`npo_loss`).
+
+    Args:
+      chosen_log_likelihood: ``[B]`` :math:`\log\pi_\theta(a_w|x)` (e.g. a refusal, "I don't know").
+      chosen_ref_log_likelihood: ``[B]`` the same under the reference (no gradient flows into it).
+      rejected_log_likelihood: ``[B]`` :math:`\log\pi_\theta(a_l|x)` (the answer to forget).
+      rejected_ref_log_likelihood: ``[B]`` the same under the reference.
+      beta: inverse temperature > 0.
+      mask: optional ``[B]`` row weights (0 on padding rows).
+
+    Returns:
+      The scalar loss; :math:`\frac{2}{\beta}\log 2` at :math:`\pi_\theta = \pi_{\text{ref}}`.
+
+    References:
+      Rafailov, Sharma, Mitchell, Ermon, Manning, Finn. Direct Preference Optimization: Your Language
+      Model is Secretly a Reward Model. NeurIPS 2023 (arXiv:2305.18290), eq. (7). Zhang, Lin, Bai,
+      Mei. Negative Preference Optimization. COLM 2024 (arXiv:2404.05868), the IdkDPO baseline on
+      TOFU.
+    """
+    stop = jax.lax.stop_gradient
+    chosen = chosen_log_likelihood - stop(chosen_ref_log_likelihood)
+    rejected = rejected_log_likelihood - stop(rejected_ref_log_likelihood)
+    return -(2.0 / beta) * _mean(jax.nn.log_sigmoid(beta * (chosen - rejected)), mask)
+
+
+def _token_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """``[B]`` per-row :math:`\\sum_t w_t v_t / \\sum_t w_t` of ``values [B, T]`` (0 for a row
+    without weighted tokens)."""
+    weights = weights.astype(values.dtype)
+    total = jnp.sum(weights, axis=-1)
+    return jnp.sum(weights * values, axis=-1) / jnp.where(total > 0, total, 1.0)
+
+
+def sequence_kl_divergence(
+    ref_logits: jax.Array, logits: jax.Array, weights: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+    r"""Per-sequence mean over the weighted tokens of :math:`T^2\,\mathrm{KL}(p_{\text{ref},t}\,\|\,
+    p_{\theta,t})`, the next-token distributions of the reference and the model, ``[B]``:
+
+    .. math::
+        \mathrm{KL}_i = \frac{\sum_t w_{it}\, T^2 \sum_v p_{\text{ref},itv}
+            (\log p_{\text{ref},itv} - \log p_{\theta,itv})}{\sum_t w_{it}}, \qquad
+        p_{\cdot,it} = \operatorname{softmax}(z_{\cdot,it} / T).
+
+    Args:
+      ref_logits: ``[B, T, V]`` the reference (teacher) logits.
+      logits: ``[B, T, V]`` the model's.
+      weights: ``[B, T]`` token weights (1 on the answer tokens).
+      temperature: ``T > 0``.
+
+    Returns:
+      ``[B]``; 0 for a row without weighted tokens.
+    """
+    per_token = kl_divergence(
+        ref_logits.reshape(-1, ref_logits.shape[-1]),
+        logits.reshape(-1, logits.shape[-1]),
+        temperature,
+    ).reshape(logits.shape[:-1])
+    return _token_mean(per_token, weights)
+
+
+def retain_sequence_kl(temperature: float = 1.0) -> Term:
+    r"""KL to the model before unlearning on the retain batch of a sequence model:
+    :math:`\frac1B\sum_{i\in D_r}\mathrm{KL}_i` (:func:`sequence_kl_divergence`, answer tokens).
+
+    The "KL" retain regulariser of TOFU's GA/GradDiff/NPO variants (``npo_KL``, ``dpo_KL``), which
+    keeps the whole next-token distribution, not only the likelihood of the retain answers. TOFU's
+    code averages over every position of the padded batch (prompt and padding included); here the
+    mean is over the answer tokens of each row, then over the real rows.
+
+    Args:
+      temperature: ``T > 0``.
+
+    References:
+      Maini, Feng, Schwarzschild, Lipton, Kolter. TOFU: A Task of Fictitious Unlearning for LLMs.
+      2024 (arXiv:2401.06121); Zhang et al. NPO (arXiv:2404.05868), NPO+KL.
+    """
+    _validate.positive(temperature=temperature)
+
+    def fn(params, ctx, state):
+        del state
+        batch = _require(ctx.retain, RETAIN, "retain/sequence_kl")
+        _require_sequence(ctx.task, "retain_sequence_kl")
+        teacher = jax.lax.stop_gradient(ctx.task.batch_outputs(ctx.ref_params, batch))
+        kl = sequence_kl_divergence(
+            teacher, ctx.task.batch_outputs(params, batch), batch["weights"], temperature
+        )
+        return masked_mean(kl, row_mask(batch, kl.dtype))
+
+    return Term(
+        "retain/sequence_kl",
+        RETAIN,
+        fn,
+        uses_reference=True,
+        label=f"retain_sequence_kl(temperature={temperature!r})",
+        hparams={"temperature": temperature},
+    )
+
+
+def _require_sequence(task: Task, name: str) -> None:
+    if task.kind != SEQUENCE:
+        raise ValueError(f"{name} needs a sequence task (token weights), got {task.kind!r}.")
+
+
+class AnswerTable(NamedTuple):
+    r"""Alternate answers to the forget questions, looked up by example id inside jitted steps.
+
+    Row ``j`` holds an encoded pair (the question of example ``ids[j]`` with another answer, e.g. a
+    refusal), sorted by id. Build with :func:`answer_table`.
+
+    Attributes:
+      ids: ``[N]`` int32, sorted, unique.
+      x, y: ``[N, T]`` int32 input and target tokens.
+      weights: ``[N, T]`` float32 token weights (1 on the alternate answer's tokens).
+    """
+
+    ids: jax.Array
+    x: jax.Array
+    y: jax.Array
+    weights: jax.Array
+
+
+def answer_table(answers: Any) -> AnswerTable:
+    """The :class:`AnswerTable` of a sequence dataset of alternate answers (host arrays).
+
+    Args:
+      answers: a sequence :class:`~unlearn_jax.data.Dataset` whose ids are those of the forget
+        examples it answers (e.g. ``FactsData.with_answers(ids, refusals)``).
+
+    Raises:
+      TypeError: not a dataset with ``x``, ``y``, ``ids`` and token ``weights``.
+      ValueError: an empty dataset.
+    """
+    weights = getattr(answers, "weights", None)
+    if weights is None or not all(hasattr(answers, a) for a in ("x", "y", "ids")):
+        raise TypeError(
+            "alternate answers must be a sequence Dataset (x, y, ids and token weights), e.g. "
+            f"FactsData.with_answers(ids, REFUSALS...); got {type(answers).__name__}."
+        )
+    ids = np.asarray(answers.ids, np.int64)
+    if ids.size == 0:
+        raise ValueError("the alternate answers are empty; give one per forget example.")
+    order = np.argsort(ids, kind="stable")
+    return AnswerTable(
+        ids=ids[order].astype(np.int32),
+        x=np.asarray(answers.x, np.int32)[order],
+        y=np.asarray(answers.y, np.int32)[order],
+        weights=np.asarray(weights, np.float32)[order],
+    )
+
+
+def lookup_answers(table: AnswerTable, batch: Batch) -> Batch:
+    r"""The alternate-answer batch of a forget batch: row ``i`` is the table's row with id
+    ``batch["id"][i]``, with row weight ``mask_i`` if that id is in the table and 0 otherwise.
+
+    A binary search on the sorted ids (``jnp.searchsorted``): jittable, one gather per array.
+
+    Returns:
+      ``{"x", "y", "weights", "id", "mask"}``, each with the batch's ``B`` rows.
+    """
+    ids = batch["id"].astype(jnp.int32)
+    pos = jnp.clip(jnp.searchsorted(table.ids, ids), 0, table.ids.shape[0] - 1)
+    found = (table.ids[pos] == ids) & (ids >= 0)
+    return {
+        "x": table.x[pos],
+        "y": table.y[pos],
+        "weights": table.weights[pos],
+        "id": ids,
+        "mask": row_mask(batch) * found.astype(jnp.float32),
+    }
+
+
+def _answer_term(name: str, answers: Any, fn, *, label: str, hparams: dict, reference: bool):
+    table = answer_table(answers)
+
+    def init(params, key):
+        del params, key
+        return AnswerTable(*(jnp.asarray(a) for a in table))
+
+    return Term(
+        name,
+        FORGET,
+        fn,
+        init=init,
+        uses_reference=reference,
+        label=label,
+        hparams={**hparams, "answers": int(table.ids.shape[0])},
+    )
+
+
+def idk_nll(answers: Any) -> Term:
+    r"""Fine-tuning on alternate answers to the forget questions (TOFU's "IdK", open-unlearning's
+    IdkNLL): :math:`\frac1B\sum_{i\in D_f} -\log\pi_\theta(\tilde a_i|x_i)`, with :math:`\tilde a_i`
+    the alternate (refusal) answer of forget example :math:`i` and the task's sequence loss
+    (summed over the answer tokens).
+
+    Args:
+      answers: a sequence dataset holding, for each forget id, its question with the alternate
+        answer (e.g. ``FactsData.with_answers(ids, refusals)``); looked up by ``batch["id"]``
+        (:func:`lookup_answers`). A forget id without an answer contributes nothing.
+
+    References:
+      Maini et al. TOFU: A Task of Fictitious Unlearning for LLMs. 2024 (arXiv:2401.06121), the
+      "I don't know" baseline.
+    """
+
+    def fn(params, ctx, state):
+        batch = _require(ctx.forget, FORGET, "forget/idk_nll")
+        _require_sequence(ctx.task, "idk_nll")
+        return ctx.task.batch_loss(params, lookup_answers(state, batch))
+
+    return _answer_term(
+        "forget/idk_nll", answers, fn, label="idk_nll()", hparams={}, reference=False
+    )
+
+
+def idk_dpo(answers: Any, beta: float = 0.1, *, log_likelihood=example_log_likelihood) -> Term:
+    r"""IdkDPO: prefer the alternate (refusal) answer :math:`\tilde a_i` over the forget answer
+    :math:`a_i` (:func:`dpo_loss` with :math:`a_w = \tilde a_i`, :math:`a_l = a_i`, the reference
+    being the model before unlearning).
+
+    Args:
+      answers: alternate answers looked up by id, as for :func:`idk_nll`.
+      beta: inverse temperature > 0 (0.1 in the NPO paper's TOFU runs).
+      log_likelihood: ``(task, params, batch) -> (log_pi [B], lengths [B])`` (sequence
+        log-likelihoods by default).
+
+    References:
+      Rafailov et al. DPO. NeurIPS 2023; Zhang, Lin, Bai, Mei. NPO. COLM 2024 (arXiv:2404.05868);
+      Maini et al. TOFU. 2024.
+    """
+    _validate.positive(beta=beta)
+
+    def fn(params, ctx, state):
+        batch = _require(ctx.forget, FORGET, "forget/idk_dpo")
+        _require_sequence(ctx.task, "idk_dpo")
+        alternate = lookup_answers(state, batch)
+        chosen, _ = log_likelihood(ctx.task, params, alternate)
+        chosen_ref, _ = log_likelihood(ctx.task, ctx.ref_params, alternate)
+        rejected, _ = log_likelihood(ctx.task, params, batch)
+        rejected_ref, _ = log_likelihood(ctx.task, ctx.ref_params, batch)
+        mask = alternate["mask"].astype(chosen.dtype)
+        return dpo_loss(chosen, chosen_ref, rejected, rejected_ref, beta, mask)
+
+    label = f"idk_dpo(beta={beta!r})"
+    return _answer_term(
+        "forget/idk_dpo", answers, fn, label=label, hparams={"beta": beta}, reference=True
+    )
+
+
+HiddenStatesFn = Callable[[Task, Params, jax.Array], jax.Array]
+"""``hidden_states(task, params, x [B, T]) -> [B, T, D]``: a layer's activations."""
+
+
+def module_hidden_states(layer: int) -> HiddenStatesFn:
+    """The residual stream after ``layer`` blocks, read from ``task.module.hidden_states`` (the
+    transformer of :mod:`unlearn_jax.models.transformer`; ``task`` from ``model_task(model)``).
+
+    Raises:
+      ValueError: at trace time, if the task has no module with a ``hidden_states`` method.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int | np.integer) or layer < 0:
+        raise ValueError(f"layer must be an integer >= 0, got {layer=!r}.")
+    layer = int(layer)
+
+    def hidden(task, params, x):
+        module = task.module
+        method = getattr(type(module), "hidden_states", None) if module is not None else None
+        if method is None:
+            raise ValueError(
+                f"RMU reads a layer's activations, but the task's module ({type(module).__name__}) "
+                "has no hidden_states method; build the task with models.model_task(model) for "
+                "a TransformerLM, or pass hidden_states=(task, params, x) -> [B, T, D]."
+            )
+        return module.apply({"params": params}, x, layer, method=method)
+
+    return hidden
+
+
+def steering_loss(
+    hidden: jax.Array, target: jax.Array, weights: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    r"""RMU's activation loss: the squared distance of each token's activation to its target,
+    averaged over the weighted tokens of each sequence, then over the sequences:
+
+    .. math::
+        L = \frac1B \sum_i \frac{\sum_t w_{it}\,\lVert h_{it} - g_{it}\rVert_2^2}{\sum_t w_{it}}.
+
+    Args:
+      hidden: ``[B, T, D]`` activations :math:`h`.
+      target: broadcastable to ``[B, T, D]``: :math:`c\,u` (``[D]``) for the forget loss, the
+        frozen model's activations (``[B, T, D]``) for the retain loss.
+      weights: ``[B, T]`` token weights :math:`w` (1 on the tokens that count).
+      mask: optional ``[B]`` row weights (0 on padding rows).
+
+    Returns:
+      The scalar loss. (The WMDP code's ``mse_loss`` also averages over the ``D`` coordinates:
+      :math:`1/D` times this.)
+    """
+    # Explicit: a [D] target meets [B, T, D] activations (no implicit rank promotion).
+    target = jnp.broadcast_to(target, hidden.shape)
+    per_token = jnp.sum(jnp.square(hidden - target), axis=-1)
+    return _mean(_token_mean(per_token, weights), mask)
+
+
+def rmu_direction(key: jax.Array, dim: int, dtype: Any = jnp.float32) -> jax.Array:
+    r"""RMU's fixed random direction: :math:`u = r / \lVert r\rVert_2`, :math:`r_j \sim
+    \mathcal U[0, 1)` independently, ``[dim]``."""
+    r = jax.random.uniform(key, (dim,), dtype)
+    return r / jnp.linalg.norm(r)
+
+
+def rmu_forget(
+    layer: int, coefficient: float, *, hidden_states: HiddenStatesFn | None = None
+) -> Term:
+    r"""RMU's forget loss: steer the activations of layer :math:`\ell` on the forget batch towards a
+    scaled fixed random direction, :func:`steering_loss` with target :math:`c\,u`
+    (:func:`rmu_direction`), averaged over the answer tokens (``batch["weights"]``).
+
+    :math:`u` is drawn at ``init`` from the method's key (the state holds that key; :math:`u` is
+    recomputed from it, identically, at every step, since its size :math:`D` is only known from the
+    activations).
+
+    Args:
+      layer: :math:`\ell`, activations after this many blocks (``TransformerLM.hidden_states``).
+      coefficient: :math:`c > 0` (6.5 for Zephyr-7B in the paper; it should exceed the typical norm
+        of the layer's activations).
+      hidden_states: ``(task, params, x) -> [B, T, D]``; default :func:`module_hidden_states`.
+
+    References:
+      Li et al. The WMDP Benchmark: Measuring and Reducing Malicious Use With Unlearning. ICML 2024
+      (arXiv:2403.03218), section 5 (RMU).
+    """
+    _validate.positive(coefficient=coefficient)
+    hidden_fn = hidden_states or module_hidden_states(layer)
+
+    def init(params, key):
+        del params
+        return key
+
+    def fn(params, ctx, state):
+        batch = _require(ctx.forget, FORGET, "forget/rmu")
+        h = hidden_fn(ctx.task, params, batch["x"])
+        target = coefficient * rmu_direction(state, h.shape[-1], h.dtype)
+        return steering_loss(h, target, batch["weights"], row_mask(batch, h.dtype))
+
+    return Term(
+        "forget/rmu",
+        FORGET,
+        fn,
+        init=init,
+        label=f"rmu_forget(layer={layer!r}, coefficient={coefficient!r})",
+        hparams={"layer": layer, "coefficient": coefficient},
+    )
+
+
+def rmu_retain(layer: int, *, hidden_states: HiddenStatesFn | None = None) -> Term:
+    r"""RMU's retain loss: keep the activations of layer :math:`\ell` on the retain batch equal to
+    the frozen model's (the model before unlearning), :func:`steering_loss` with target
+    :math:`h^{\text{frozen}}`, over the answer tokens.
+
+    Args:
+      layer: :math:`\ell`, as for :func:`rmu_forget`.
+      hidden_states: ``(task, params, x) -> [B, T, D]``; default :func:`module_hidden_states`.
+
+    References:
+      Li et al. The WMDP Benchmark. ICML 2024 (arXiv:2403.03218).
+    """
+    hidden_fn = hidden_states or module_hidden_states(layer)
+
+    def fn(params, ctx, state):
+        del state
+        batch = _require(ctx.retain, RETAIN, "retain/rmu")
+        frozen = jax.lax.stop_gradient(hidden_fn(ctx.task, ctx.ref_params, batch["x"]))
+        h = hidden_fn(ctx.task, params, batch["x"])
+        return steering_loss(h, frozen, batch["weights"], row_mask(batch, h.dtype))
+
+    return Term(
+        "retain/rmu",
+        RETAIN,
+        fn,
+        uses_reference=True,
+        label=f"rmu_retain(layer={layer!r})",
+        hparams={"layer": layer},
+    )
+
+
 __all__ = [
     "FORGET",
     "PARAMS",
     "RETAIN",
+    "AnswerTable",
     "Context",
+    "HiddenStatesFn",
     "Objective",
     "Term",
+    "answer_table",
+    "dpo_loss",
     "example_log_likelihood",
     "forget_kl",
     "forget_loss",
+    "idk_dpo",
+    "idk_nll",
     "kl_divergence",
     "l1_norm",
+    "lookup_answers",
+    "module_hidden_states",
     "npo",
     "npo_loss",
     "random_labels",
     "reinit_params",
     "retain_ce",
     "retain_kl",
+    "retain_sequence_kl",
+    "rmu_direction",
+    "rmu_forget",
+    "rmu_retain",
+    "sequence_kl_divergence",
     "simnpo",
     "simnpo_loss",
+    "steering_loss",
 ]

@@ -1,0 +1,352 @@
+"""LM unlearning: the sequence terms against hand computations, every recipe through the driver.
+
+A tiny facts set (4 authors). XLA compiles a transformer's training step in seconds on a CPU, so
+the terms' values and the recipes' runs use a toy sequence model (an embedding, two residual tanh
+blocks named like the transformer's, the tied unembedding) with the transformer's interface
+(``hidden_states(x, layer)``); one RMU run goes through the real transformer. The terms are checked
+against float64 numpy transcriptions of their formulas from the model's logits and activations.
+"""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from unlearn_jax.data.facts import REFUSALS, generate_facts
+from unlearn_jax.methods import lm
+from unlearn_jax.methods import objectives as O
+from unlearn_jax.methods.driver import unlearn, unlearn_many
+from unlearn_jax.models import get_model, model_task
+from unlearn_jax.training import create_train_state
+
+# float32 model outputs against float64 transcriptions of the same formulas.
+RTOL = 1e-5
+ATOL = 1e-5
+WIDTH = 16
+
+
+class ToyLM(nn.Module):
+    """A sequence model with the transformer's interface: ``[B, T]`` tokens -> ``[B, T, V]``."""
+
+    num_outputs: int
+    kind = "sequence"
+
+    def setup(self):
+        self.embed = nn.Embed(self.num_outputs, WIDTH)
+        self.layers_0 = nn.Dense(WIDTH)
+        self.layers_1 = nn.Dense(WIDTH)
+
+    def hidden_states(self, x, layer):
+        h = self.embed(x)
+        for block in (self.layers_0, self.layers_1)[:layer]:
+            h = h + jnp.tanh(block(h))
+        return h
+
+    def __call__(self, x):
+        return self.embed.attend(self.hidden_states(x, 2))
+
+
+@functools.cache
+def _setup():
+    facts = generate_facts(seed=0, num_authors=4, num_holdout_authors=1)
+    split = facts.forget_split(0.25)  # one author: 6 forget pairs, 18 + 56 retain pairs
+    model = ToyLM(facts.tokenizer.vocab_size)
+    task = model_task(model)
+    state = create_train_state(model, facts.train.x[:1], optax.adam(1e-3), jax.random.key(0))
+    ids = split.forget.ids
+    refusals = facts.with_answers(ids, [REFUSALS[i % len(REFUSALS)] for i in range(len(ids))])
+    return facts, split, model, task, state, refusals
+
+
+@functools.cache
+def _apply(task):
+    return jax.jit(task.apply)
+
+
+def _value(term, params, ctx, state=None):
+    """A term's value, jitted (op-by-op evaluation would compile every primitive)."""
+    return float(jax.jit(lambda p: term.fn(p, ctx, state))(params))
+
+
+def _perturbed(params, scale=0.05, seed=1):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def _batch(dataset, rows=None):
+    b = {k: jnp.asarray(v) for k, v in dataset.as_batch().items()}
+    n = b["x"].shape[0] if rows is None else rows
+    b = {k: v[:n] for k, v in b.items()}
+    b["mask"] = jnp.ones((n,), jnp.float32).at[-1].set(0.0)  # the last row plays padding
+    return b
+
+
+def _np_sequence_log_likelihood(task, params, batch):
+    """sum_t w_t log softmax(z_t)[y_t] per row, in float64, from the model's logits."""
+    z = np.asarray(_apply(task)(params, batch["x"]), np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    y, w = np.asarray(batch["y"]), np.asarray(batch["weights"], np.float64)
+    rows, cols = np.indices(y.shape)
+    return (w * log_p[rows, cols, y]).sum(axis=1), w.sum(axis=1)
+
+
+def _np_log_sigmoid(v):
+    return -np.logaddexp(0.0, -v)
+
+
+def _ctx(task, ref_params, forget=None, retain=None):
+    return O.Context(ref_params, forget, retain, jax.random.key(0), task, jnp.int32(0), 0.0)
+
+
+def _masked_mean(values, mask):
+    mask = np.asarray(mask, np.float64)
+    return float((mask * values).sum() / mask.sum())
+
+
+# ---- terms against hand computations ------------------------------------------------------------
+def test_npo_on_sequences_matches_hand_computation():
+    _, split, _, task, state, _ = _setup()
+    params, ref = _perturbed(state.params), state.params
+    batch = _batch(split.forget)
+    beta = 0.3
+    got = _value(O.npo(beta=beta), params, _ctx(task, ref, forget=batch))
+    lp, _ = _np_sequence_log_likelihood(task, params, batch)
+    lp_ref, _ = _np_sequence_log_likelihood(task, ref, batch)
+    want = -(2 / beta) * _masked_mean(_np_log_sigmoid(-beta * (lp - lp_ref)), batch["mask"])
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    # At the reference, NPO is (2/beta) log 2 whatever the data.
+    at_ref = _value(O.npo(beta=beta), ref, _ctx(task, ref, forget=batch))
+    np.testing.assert_allclose(at_ref, 2 / beta * np.log(2), rtol=RTOL)
+
+
+def test_simnpo_on_sequences_uses_the_answer_length():
+    _, split, _, task, state, _ = _setup()
+    params = _perturbed(state.params)
+    batch = _batch(split.forget)
+    beta, gamma = 2.5, 0.5
+    got = _value(O.simnpo(beta=beta, gamma=gamma), params, _ctx(task, None, forget=batch))
+    lp, length = _np_sequence_log_likelihood(task, params, batch)
+    want = -(2 / beta) * _masked_mean(_np_log_sigmoid(-beta / length * lp - gamma), batch["mask"])
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+def test_dpo_loss_matches_its_formula():
+    rng = np.random.default_rng(0)
+    cw, cwr, cl, clr = (rng.normal(-20, 5, 6) for _ in range(4))
+    mask = np.array([1, 1, 0, 1, 1, 1], np.float32)
+    beta = 0.7
+    got = O.dpo_loss(*(jnp.asarray(v, jnp.float32) for v in (cw, cwr, cl, clr)), beta, mask)
+    margin = (cw - cwr) - (cl - clr)
+    want = -(2 / beta) * _masked_mean(np.log(1 / (1 + np.exp(-beta * margin))), mask)
+    np.testing.assert_allclose(float(got), want, rtol=RTOL)
+    # Rafailov et al.'s loss is beta/2 times this one.
+    rafailov = -_masked_mean(np.log(1 / (1 + np.exp(-beta * margin))), mask)
+    np.testing.assert_allclose(float(got) * beta / 2, rafailov, rtol=RTOL)
+
+
+def test_idk_dpo_prefers_the_refusal_looked_up_by_id():
+    _, split, _, task, state, refusals = _setup()
+    params, ref = _perturbed(state.params), state.params
+    # The forget batch in another order than the refusals: the lookup goes by id.
+    order = np.array([3, 0, 5, 1, 4, 2])
+    forget = split.forget.take(order)
+    batch = _batch(forget)
+    term = O.idk_dpo(refusals, beta=0.2)
+    got = _value(term, params, _ctx(task, ref, forget=batch), term.init(params, jax.random.key(0)))
+    alt = _batch(refusals.by_ids(forget.ids))
+    lw, _ = _np_sequence_log_likelihood(task, params, alt)
+    lwr, _ = _np_sequence_log_likelihood(task, ref, alt)
+    ll, _ = _np_sequence_log_likelihood(task, params, batch)
+    llr, _ = _np_sequence_log_likelihood(task, ref, batch)
+    margin = (lw - lwr) - (ll - llr)
+    want = -(2 / 0.2) * _masked_mean(_np_log_sigmoid(0.2 * margin), batch["mask"])
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    # IdK NLL: the refusals' sequence loss, same lookup.
+    nll = O.idk_nll(refusals)
+    got_nll = _value(
+        nll, params, _ctx(task, None, forget=batch), nll.init(params, jax.random.key(0))
+    )
+    np.testing.assert_allclose(got_nll, _masked_mean(-lw, batch["mask"]), rtol=RTOL)
+
+
+def test_lookup_answers_masks_unknown_ids_and_padding():
+    _, split, _, _, _, refusals = _setup()
+    table = O.answer_table(refusals.take(np.array([0, 2, 4])))
+    batch = _batch(split.forget)  # 6 rows, the last one padding
+    got = O.lookup_answers(table, batch)
+    known = np.isin(np.asarray(batch["id"]), refusals.ids[[0, 2, 4]])
+    np.testing.assert_array_equal(np.asarray(got["mask"]), known * np.asarray(batch["mask"]))
+    for row in np.flatnonzero(known):
+        want = refusals.by_ids([int(batch["id"][row])])
+        np.testing.assert_array_equal(np.asarray(got["y"][row]), want.y[0])
+
+
+@functools.cache
+def _hidden_fn(model, layer):
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, layer, method="hidden_states"))
+
+
+def _np_hidden(model, params, x, layer):
+    return np.asarray(_hidden_fn(model, layer)(params, x), np.float64)
+
+
+def test_rmu_losses_match_their_definition():
+    _, split, model, task, state, _ = _setup()
+    params, ref = _perturbed(state.params), state.params
+    forget, retain = _batch(split.forget), _batch(split.retain, rows=8)
+    layer, c = 1, 3.0
+    term = O.rmu_forget(layer, c)
+    key = term.init(params, jax.random.key(5))
+    got = _value(term, params, _ctx(task, ref, forget=forget), key)
+    r = np.asarray(jax.random.uniform(key, (WIDTH,)), np.float64)
+    u = r / np.linalg.norm(r)
+    assert np.all(u >= 0) and np.isclose(np.linalg.norm(u), 1.0)
+    h = _np_hidden(model, params, forget["x"], layer)
+    w = np.asarray(forget["weights"], np.float64)
+    per_row = (w * ((h - c * u) ** 2).sum(-1)).sum(1) / w.sum(1)
+    np.testing.assert_allclose(got, _masked_mean(per_row, forget["mask"]), rtol=RTOL)
+
+    got_r = _value(O.rmu_retain(layer), params, _ctx(task, ref, retain=retain))
+    h, h0 = (
+        _np_hidden(model, params, retain["x"], layer),
+        _np_hidden(model, ref, retain["x"], layer),
+    )
+    w = np.asarray(retain["weights"], np.float64)
+    per_row = (w * ((h - h0) ** 2).sum(-1)).sum(1) / w.sum(1)
+    np.testing.assert_allclose(got_r, _masked_mean(per_row, retain["mask"]), rtol=RTOL)
+    # At the frozen model the retain loss vanishes (up to XLA folding the two forward passes apart).
+    assert abs(_value(O.rmu_retain(layer), ref, _ctx(task, ref, retain=retain))) < 1e-10
+
+
+def test_retain_sequence_kl_matches_hand_computation():
+    _, split, _, task, state, _ = _setup()
+    params, ref = _perturbed(state.params), state.params
+    batch = _batch(split.retain, rows=8)
+    got = _value(O.retain_sequence_kl(temperature=2.0), params, _ctx(task, ref, retain=batch))
+
+    def log_softmax(z):
+        z = np.asarray(z, np.float64) / 2.0
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lt = log_softmax(_apply(task)(ref, batch["x"]))
+    ls = log_softmax(_apply(task)(params, batch["x"]))
+    kl = 4.0 * (np.exp(lt) * (lt - ls)).sum(-1)
+    w = np.asarray(batch["weights"], np.float64)
+    want = _masked_mean((w * kl).sum(1) / w.sum(1), batch["mask"])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# ---- recipes through the driver ----------------------------------------------------------------
+ADAM = optax.adam(1e-3)
+RECIPES = ("ga", "grad_diff", "npo", "simnpo", "idk_nll", "idk_dpo", "rmu", "sam+ga")
+
+
+@functools.cache
+def _recipe(name):
+    # Cached: the driver's compiled steps are keyed on the method's functions, so a test that reuses
+    # a method compiles nothing new.
+    refusals = _setup()[-1]
+    return {
+        "ga": lambda: lm.gradient_ascent(optimizer=ADAM),
+        "grad_diff": lambda: lm.grad_diff(retain="kl", optimizer=ADAM),
+        "npo": lambda: lm.npo(optimizer=ADAM),
+        "simnpo": lambda: lm.simnpo(optimizer=ADAM),
+        "idk_nll": lambda: lm.idk_nll(refusals, optimizer=ADAM),
+        "idk_dpo": lambda: lm.idk_dpo(refusals, optimizer=ADAM),
+        "rmu": lambda: lm.rmu(1, coefficient=10.0, alpha=10.0, optimizer=ADAM),
+        "sam+ga": lambda: lm.sam(lm.gradient_ascent(optimizer=ADAM), rho=0.05),
+    }[name]()
+
+
+RUN = dict(key=jax.random.key(0), steps=3, batch_size=8)
+
+
+def _moved(before, after):
+    """``{top-level name: whether any of its leaves changed}``."""
+    out = {}
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after), strict=True
+    ):
+        name = str(path[0].key)
+        out[name] = out.get(name, False) or not np.array_equal(np.asarray(a), np.asarray(b))
+    return out
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_recipe_unlearns_through_the_driver(name):
+    _, split, model, task, state, _ = _setup()
+    method = _recipe(name)
+    json.dumps(method.hparams)
+    if name == "npo":  # two models at once (the driver's tests hold unlearn_many to unlearn)
+        states = jax.vmap(lambda k: create_train_state(model, split.retain.x[:1], ADAM, k))(
+            jax.random.split(jax.random.key(3), 2)
+        )
+        result = unlearn_many(method, states, task, split.forget, split.retain, **RUN)
+        assert result.metrics["loss"].shape == (2, 3)
+        state, after = jax.tree.map(lambda a: a[1], (states, result.states))
+    else:
+        result = unlearn(method, state, task, split.forget, split.retain, progress=False, **RUN)
+        after = result.state
+    assert result.method == name and result.steps == 3
+    assert np.all(np.isfinite(result.metrics["loss"]))
+    moved = _moved(state.params, after.params)
+    if name == "rmu":  # activations after 1 block: only that block may move
+        assert moved == {"embed": False, "layers_0": True, "layers_1": False}
+    else:
+        assert all(moved.values())
+    if name.startswith("sam+"):
+        assert "sam/forget_grad_norm" in result.metrics
+
+
+def test_rmu_reads_the_transformers_hidden_states_and_trains_its_blocks():
+    # Traced, not compiled (XLA takes seconds to compile a transformer's step on a CPU).
+    facts, split, _, _, _, _ = _setup()
+    model = get_model(
+        "transformer", num_outputs=facts.tokenizer.vocab_size, d_model=16, num_layers=3,
+        num_heads=2, mlp_dim=32, max_len=facts.train.x.shape[1],
+    )  # fmt: skip
+    task = model_task(model)
+    params = create_train_state(model, facts.train.x[:1], ADAM, jax.random.key(0)).params
+    forget, retain = _batch(split.forget), _batch(split.retain, rows=8)
+    ctx = _ctx(task, params, forget=forget, retain=retain)
+    for term in (O.rmu_forget(2, 5.0), O.rmu_retain(2)):
+        state = term.init(params, jax.random.key(0)) if term.init else None
+        value = jax.eval_shape(lambda p, t=term, s=state: t.fn(p, ctx, s), params)
+        assert value.shape == () and value.dtype == jnp.float32
+    mask = lm.trainable(lm.rmu_blocks(2)).init(params, jax.random.key(0), {})
+    flags = {
+        "/".join(str(k.key) for k in path): bool(m)
+        for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
+    assert {n.split("/")[0] for n, f in flags.items() if f} == {"layers_0", "layers_1"}
+    assert lm.rmu_blocks(5) == ("layers_2", "layers_3", "layers_4")
+
+
+def test_idk_recipes_refuse_forget_ids_without_an_answer():
+    _, split, _, task, state, refusals = _setup()
+    partial = refusals.take(np.arange(3))
+    for method in (lm.idk_dpo(partial), lm.sam(lm.idk_nll(partial))):
+        with pytest.raises(ValueError, match="3 forget ids have no alternate answer"):
+            unlearn(method, state, task, split.forget, split.retain, **RUN)
+
+
+def test_bad_arguments_are_named():
+    refusals = _setup()[-1]
+    with pytest.raises(ValueError, match="retain"):
+        lm.npo(retain="mse")
+    with pytest.raises(ValueError, match="layer must be an integer >= 1"):
+        lm.rmu(0)
+    with pytest.raises(TypeError, match="sequence Dataset"):
+        O.idk_nll(refusals.as_batch())
+    with pytest.raises(ValueError, match="no parameter path starts with"):
+        lm.trainable(["encoder"]).init({"layers_0": {"w": jnp.zeros(2)}}, jax.random.key(0), {})
