@@ -247,6 +247,8 @@ def _jsonable(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
+    if args.data == "facts":  # language models: their own benchmark (apps/lm_bench.py)
+        return _cmd_lm_bench(args)
     from unlearn_jax import data, models
     from unlearn_jax.apps import bench
 
@@ -274,6 +276,42 @@ def cmd_bench(args) -> int:
         record = bench.run_benchmark(config, progress=_log(args.quiet))
         paths = bench.write_outputs(record, out)
     print(bench.format_results_table(record))
+    print(
+        f"\nretrain: {record['training']['retrain_wall_time_s']:.2f} s; whole run "
+        f"{record['wall_time_s']:.1f} s. Results: {paths['results']}"
+    )
+    return 0
+
+
+def _cmd_lm_bench(args) -> int:
+    """``bench --data facts``: TOFU's table on the fictitious facts (:mod:`unlearn_jax.apps.lm_bench`).
+
+    --model, --forget, --seeds, --epochs, --batch-size and --lr left at their (image) defaults take
+    the LM benchmark's own; --sweep, --shadows and --forget-seed do not apply.
+    """
+    from unlearn_jax.apps import lm_bench
+
+    defaults, lm = vars(build_parser().parse_args(["bench"])), lm_bench.LMBenchConfig()
+    unused = {"sweep": "--sweep", "shadows": "--shadows", "forget_seed": "--forget-seed"}
+    for name, flag in unused.items():
+        if getattr(args, name) != defaults[name]:
+            raise CliError(f"{flag} does not apply to the language-model benchmark (--data facts).")
+
+    def given(name: str, fallback: Any) -> Any:
+        value = getattr(args, name)
+        return fallback if value == defaults[name] else value
+
+    config = lm_bench.LMBenchConfig(
+        model=given("model", lm.model), forget=given("forget", lm.forget),
+        methods=tuple(m for m in args.methods.split(",") if m), seeds=given("seeds", lm.seeds),
+        epochs=given("epochs", lm.epochs), batch_size=given("batch_size", lm.batch_size),
+        learning_rate=given("lr", lm.learning_rate),
+    )  # fmt: skip
+    config.validate()  # before any training; a bad value is one line
+    with _output(args.out, "bench") as out:
+        record = lm_bench.run_lm_benchmark(config, progress=_log(args.quiet))
+        paths = lm_bench.write_lm_outputs(record, out)
+    print(lm_bench.format_lm_table(record))
     print(
         f"\nretrain: {record['training']['retrain_wall_time_s']:.2f} s; whole run "
         f"{record['wall_time_s']:.1f} s. Results: {paths['results']}"
