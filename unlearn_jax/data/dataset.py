@@ -30,6 +30,29 @@ def describe_values(values: np.ndarray, limit: int = 5) -> str:
     return f"[{shown}{more}] ({values.size} in all)"
 
 
+def check_example_ids(ids: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checks a data set's example ids ``[N]``: unique and in ``[0, MAX_ID]`` (they travel as
+    int32 in batches). Returns the stable sort order ``[N]`` and the sorted ids ``[N]``.
+
+    Raises:
+      ValueError: repeated ids or ids outside ``[0, MAX_ID]``, naming them.
+    """
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    repeated = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
+    if repeated.size:
+        raise ValueError(
+            f"{label}: ids must be unique, but these repeat: {describe_values(repeated)}."
+        )
+    if ids.size and (sorted_ids[0] < 0 or sorted_ids[-1] > MAX_ID):
+        bad = ids[(ids < 0) | (ids > MAX_ID)]
+        raise ValueError(
+            f"{label}: ids must lie in [0, {MAX_ID}] (they travel as int32 in batches), got "
+            f"{describe_values(bad)}."
+        )
+    return order, sorted_ids
+
+
 def as_id_array(ids: Any, name: str = "ids") -> np.ndarray:
     """Converts ``ids`` (a list, numpy/jax array or a single int) into a 1-D int64 numpy array.
 
@@ -145,19 +168,7 @@ class Dataset:
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{label}: x, y and ids disagree on the number of examples: {sizes}.")
 
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        repeated = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
-        if repeated.size:
-            raise ValueError(
-                f"{label}: ids must be unique, but these repeat: {describe_values(repeated)}."
-            )
-        if ids.size and (sorted_ids[0] < 0 or sorted_ids[-1] > MAX_ID):
-            bad = ids[(ids < 0) | (ids > MAX_ID)]
-            raise ValueError(
-                f"{label}: ids must lie in [0, {MAX_ID}] (they travel as int32 in batches), got "
-                f"{describe_values(bad)}."
-            )
+        order, sorted_ids = check_example_ids(ids, label)
         for field, values in (("x", x), ("y", y)):
             if values.size == 0:
                 continue

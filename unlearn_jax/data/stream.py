@@ -47,9 +47,9 @@ import numpy as np
 from unlearn_jax import _validate
 from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE
 from unlearn_jax.data.dataset import (
-    MAX_ID,
     Dataset,
     as_id_array,
+    check_example_ids,
     check_take_indices,
     describe_values,
 )
@@ -268,19 +268,7 @@ class StreamedDataset:
                 f"{label}: ids ({ids.shape[0]}) and rows ({rows.shape[0]}) must have one entry per "
                 "example; without rows, ids needs one entry per record of the source."
             )
-        sorted_ids = np.sort(ids)
-        repeated = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
-        if repeated.size:
-            raise ValueError(
-                f"{label}: ids must be unique, but these repeat: {describe_values(repeated)}."
-            )
-        if ids.size and (sorted_ids[0] < 0 or sorted_ids[-1] > MAX_ID):
-            bad = ids[(ids < 0) | (ids > MAX_ID)]
-            raise ValueError(
-                f"{label}: ids must lie in [0, {MAX_ID}] (they travel as int32 in batches), got "
-                f"{describe_values(bad)}."
-            )
-        del sorted_ids
+        check_example_ids(ids, label)
         if self.num_classes is not None:
             _validate.positive_int(num_classes=self.num_classes)
         if self.x_divisor is not None:
