@@ -8,6 +8,11 @@ Checks, for an MLP under a data x fsdp mesh and a small transformer under fsdp x
 * under FSDP no parameter leaf of ``min_size`` elements or more is fully replicated.
 Methods that need class probabilities (random labels, KL to a teacher, a ridge head on pooled
 features) apply to classifiers only and run on the MLP.
+
+Training (:func:`check_fit`, run first): ``fit`` for 3 steps on the same two models and meshes (and
+``fit_many`` of 2 models on the MLP) equals the unsharded run, batch sizes chosen so that the batch
+is padded to a multiple of the batch devices; the whole train state comes back with the shardings
+it went in with, the caller's state is not donated, and under FSDP no large leaf is replicated.
 """
 
 import os
@@ -26,7 +31,7 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding
 
-from unlearn_jax import sharding
+from unlearn_jax import sharding, training
 from unlearn_jax.apps import registry
 from unlearn_jax.data import Dataset
 from unlearn_jax.methods import unlearn
@@ -103,8 +108,66 @@ def check_fsdp(params, mesh):
             assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
 
 
+def assert_same_state(sharded, plain, what):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(sharded)[0],
+                            jax.tree.leaves(plain), strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"{what}{path}")
+
+
+def assert_same_shardings(out, start, what):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(start),
+                            strict=True):  # fmt: skip
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (what, path, a.sharding, b.sharding)
+
+
+def fit_case(model, data, mesh, *, batch_size, logical=None):
+    """``fit`` for 3 steps of ``batch_size`` rows (one epoch) on ``mesh`` against the unsharded fit."""
+    task = model_task(model)
+    state = training.create_train_state(model, data.x[:1], optax.adam(1e-2), jax.random.key(1))
+    kwargs = dict(epochs=1, batch_size=batch_size, key=jax.random.key(2), progress=False)
+    assert -(-len(data.ids) // batch_size) == 3
+    plain, plain_history = training.fit(state, task, data, **kwargs)
+    start = sharding.Placement(mesh, RULES, logical or ()).put(state)
+    out, history = training.fit(start, task, data, mesh=mesh, rules=RULES, logical=logical,
+                                **kwargs)  # fmt: skip
+    what = f"fit {type(model).__name__}"
+    assert int(out.step) == int(plain.step) == 3, (out.step, plain.step)
+    assert_same_state(out, plain, what)
+    for name in plain_history:
+        np.testing.assert_allclose(history[name], plain_history[name], rtol=RTOL, err_msg=name)
+    assert_same_shardings(out, start, what)
+    # The step donates only its own copy: the caller's state is still readable.
+    assert all(not a.is_deleted() for a in jax.tree.leaves(start))
+    check_fsdp(out.params, mesh)
+    check_fsdp(out.opt_state, mesh)
+
+
+def check_fit():
+    mlp = MLP(num_outputs=4, hidden_sizes=(64,))
+    data = classification_data()
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    fit_case(mlp, data, mesh, batch_size=20)  # padded to 24 rows: 3 per device
+    # fit_many: two models, each on its own random half, the population axis as the rules place it.
+    masks = np.random.default_rng(1).random((2, len(data.ids))) < 0.5
+    kwargs = dict(keys=jax.random.split(jax.random.key(3), 2), epochs=1, batch_size=20,
+                  data_key=jax.random.key(4), member_masks=masks, progress=False)  # fmt: skip
+    args = (mlp, model_task(mlp), data.x[:1], optax.adam(1e-2), data)
+    plain, plain_history = training.fit_many(*args, **kwargs)
+    out, history = training.fit_many(*args, mesh=mesh, rules=RULES, **kwargs)
+    assert_same_state(out, plain, "fit_many")
+    np.testing.assert_allclose(history["loss"], plain_history["loss"], rtol=RTOL)
+    assert_same_shardings(out, sharding.Placement(mesh, RULES).put(plain), "fit_many")
+    print("FIT MLP OK", flush=True)
+    lm = TransformerLM(num_outputs=32, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=8)
+    seq = sequence_data()
+    names = sharding.logical_axes(jax.eval_shape(lm.init, jax.random.key(0), seq.x[:1]))
+    fit_case(lm, seq, sharding.make_mesh({"fsdp": 4, "tensor": 2}), batch_size=11, logical=names)
+    print("FIT LM OK", flush=True)
+
+
 def main(names):
     assert jax.device_count() == 8, jax.devices()
+    check_fit()
     data = classification_data()
     mlp = MLP(num_outputs=4, hidden_sizes=(64,))
     task, state = trained_state(mlp, data)

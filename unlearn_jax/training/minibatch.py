@@ -26,6 +26,12 @@ Compilation. The step is compiled once per task, regularizer, model configuratio
 (optax transformations compare by identity: pass the same one to reuse a compiled step), batch size
 and dataset size rounded up to a multiple of 128 (the device copy of the data is padded), so
 retraining on ``N - |forget|`` examples usually reuses the step compiled for ``N``.
+
+Meshes. With ``mesh=`` (and optionally ``rules=``, ``logical=``) the same step runs under a
+:class:`~unlearn_jax.sharding.Placement`: it is jitted with the state's shardings from the rules as
+``in_shardings`` and ``out_shardings`` and donates the state, and each gathered batch is split over
+the batch axes (rows padded with weight-0 rows to a multiple of their devices). The compiled step is
+cached per placement as well. ``mesh=None`` is the single-device path, unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from flax.training import train_state as flax_train_state
 
 from unlearn_jax import _validate
 from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE, Task
+from unlearn_jax.sharding.placement import Frozen, Placement
+from unlearn_jax.sharding.placement import placement as make_placement
 
 TrainState = flax_train_state.TrainState
 History = dict[str, list[float]]
@@ -164,10 +172,13 @@ def _padded_rows(n: int) -> int:
     return -(-n // _ROW_BUCKET) * _ROW_BUCKET
 
 
-def _device_data(ds: Any, weights: np.ndarray) -> tuple[dict[str, jax.Array], jax.Array]:
+def _device_data(
+    ds: Any, weights: np.ndarray, sharding: jax.sharding.Sharding | None = None
+) -> tuple[dict[str, jax.Array], jax.Array]:
     """``{"x", "y", "id"}`` (and the token ``"weights"`` ``[N, T]`` of a sequence dataset) padded to
-    :func:`_padded_rows` rows (copies of row 0, id -1), on device, and the member weights
-    ``[..., N]`` padded with zeros (padding rows never count)."""
+    :func:`_padded_rows` rows (copies of row 0, id -1), on device (placed with ``sharding`` when
+    given, e.g. replicated over a mesh), and the member weights ``[..., N]`` padded with zeros
+    (padding rows never count)."""
     n = len(ds.ids)
     pad = _padded_rows(n) - n
     fill = np.zeros((pad,), np.int64)
@@ -181,6 +192,8 @@ def _device_data(ds: Any, weights: np.ndarray) -> tuple[dict[str, jax.Array], ja
         # The loss of a sequence counts the answer tokens only (Task.output_losses reads them).
         data["weights"] = np.concatenate([token_weights, token_weights[fill]])
     weights = np.concatenate([weights, np.zeros((*weights.shape[:-1], pad), np.float32)], axis=-1)
+    if sharding is not None:
+        return jax.device_put((data, weights), sharding)
     return {k: jnp.asarray(v) for k, v in data.items()}, jnp.asarray(weights)
 
 
@@ -208,16 +221,20 @@ def _take_batch(data, idx_row, valid_row):
     return batch
 
 
-@functools.partial(jax.jit, static_argnames=("task", "regularizer", "many"))
-def _train_step(state, acc, data, weights, idx, valid, step, *, task, regularizer, many):
+def _step(
+    state, acc, data, weights, idx, valid, step, *, task, regularizer, many, batch_sharding=None
+):
     """One optimizer step on batch ``step`` of the epoch plan; ``many`` vmaps over a model axis.
 
     ``acc`` accumulates the epoch's statistics on the device (so the host syncs once per epoch):
     the weighted loss sum, the weight total, the regularizer sum and the first step whose loss,
-    regularizer or gradient was not finite (-1 while none).
+    regularizer or gradient was not finite (-1 while none). Under a mesh, ``batch_sharding`` splits
+    the gathered batch ``[B, ...]`` over the batch axes, so that each device works on its own rows.
     """
     idx_row, valid_row = idx[step], valid[step]
     batch = _take_batch(data, idx_row, valid_row)
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
 
     def one(state, acc, weights):
         mask = jnp.where(valid_row, jnp.take(weights, idx_row), jnp.zeros((), weights.dtype))
@@ -253,6 +270,29 @@ def _train_step(state, acc, data, weights, idx, valid, step, *, task, regularize
     if many:
         return jax.vmap(one)(state, acc, weights)
     return one(state, acc, weights)
+
+
+_train_step = jax.jit(_step, static_argnames=("task", "regularizer", "many"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_train_step(task: Task, regularizer: Any, many: bool, shardings: Frozen) -> Callable:
+    """:func:`_step` jitted for a mesh, once per task, regularizer, model axis and shardings.
+
+    ``shardings`` is ``(state, batch, replicated)``. The state goes in and comes out with the
+    shardings the rules give it (the invariant optax keeps) and is donated; the device copy of the
+    data set, the member weights, the epoch plan and the statistics are replicated.
+    """
+    state_sh, batch_sh, replicated = shardings.tree
+    step = functools.partial(
+        _step, task=task, regularizer=regularizer, many=many, batch_sharding=batch_sh
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, *(replicated,) * 6),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
 
 
 def _zero_acc(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -448,8 +488,10 @@ class _EvalData(NamedTuple):
     chunk: int
 
 
-def _eval_data(ds: Any, weights: np.ndarray, eval_batch_size: int, device=None) -> _EvalData:
-    data, weights_dev = _device_data(ds, weights) if device is None else device
+def _eval_data(
+    ds: Any, weights: np.ndarray, eval_batch_size: int, device=None, sharding=None
+) -> _EvalData:
+    data, weights_dev = _device_data(ds, weights, sharding) if device is None else device
     rows = data["x"].shape[0]
     return _EvalData(data, weights_dev, min(eval_batch_size, rows))
 
@@ -487,18 +529,32 @@ def _train(
     progress: bool | None,
     eval_batch_size: int,
     many: bool,
+    placement: Placement | None = None,
 ) -> tuple[TrainState, dict[str, list]]:
     n = len(train.ids)
     batch_size = min(batch_size, n)
     steps = -(-n // batch_size)
-    data, weights_dev = _device_data(train, weights)
+    replicated = None if placement is None else placement.replicated()
+    data, weights_dev = _device_data(train, weights, replicated)
     train_eval = _eval_data(train, weights, eval_batch_size, device=(data, weights_dev))
     test_eval = None
     if test is not None:
         test_w = np.ones(
             (_n_models(weights), len(test.ids)) if many else (len(test.ids),), np.float32
         )
-        test_eval = _eval_data(test, test_w, eval_batch_size)
+        test_eval = _eval_data(test, test_w, eval_batch_size, sharding=replicated)
+    if placement is None:
+        train_step = functools.partial(_train_step, task=task, regularizer=regularizer, many=many)
+        rows = batch_size
+    else:
+        # The state on the mesh with the rules' shardings, in fresh buffers: the step donates it,
+        # and the caller's arrays must survive (device_put would return an array placed as is).
+        state = jax.device_put(state, placement.of(state), may_alias=False)
+        shardings = Frozen((placement.of(state), placement.batch(), replicated))
+        train_step = _sharded_train_step(task, regularizer, many, shardings)
+        # Each batch is split over the batch axes: its rows padded (weight 0) to a multiple.
+        multiple = placement.batch_size_multiple
+        rows = -(-batch_size // multiple) * multiple
 
     metric = _METRICS[task.kind]
     history: dict[str, list] = {"loss": [], f"train_{metric}": []}
@@ -518,21 +574,16 @@ def _train(
     )
     with bar:
         for epoch in range(epochs):
-            idx, valid = map(jnp.asarray, _epoch_plan(key, epoch, n=n, batch_size=batch_size))
+            idx, valid = _epoch_plan(key, epoch, n=n, batch_size=batch_size)
+            if rows > batch_size:  # padding columns: row 0, invalid (weight 0, id -1)
+                idx = np.pad(idx, ((0, 0), (0, rows - batch_size)))
+                valid = np.pad(valid, ((0, 0), (0, rows - batch_size)))
+            idx, valid = jax.device_put((idx, valid), replicated)
             acc = _zero_acc((_n_models(weights),) if many else ())
+            if placement is not None:  # as the step returns it (else the first call traces twice)
+                acc = jax.device_put(acc, replicated)
             for s in range(steps):
-                state, acc = _train_step(
-                    state,
-                    acc,
-                    data,
-                    weights_dev,
-                    idx,
-                    valid,
-                    s,
-                    task=task,
-                    regularizer=regularizer,
-                    many=many,
-                )
+                state, acc = train_step(state, acc, data, weights_dev, idx, valid, s)
                 bar.update(1)
             # One transfer per epoch; the steps above were dispatched without waiting.
             acc = jax.device_get(acc)
@@ -609,6 +660,9 @@ def fit(
     member_mask: Any = None,
     progress: bool | None = None,
     eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    logical: Any = None,
 ) -> tuple[TrainState, History]:
     r"""Trains ``state`` on ``train`` for ``epochs`` epochs of mini-batch steps.
 
@@ -639,6 +693,18 @@ def fit(
         ``None`` means all ones, and gives exactly the same result as an all-ones mask.
       progress: show a tqdm bar on stderr: ``None`` (default) only if stderr is a terminal.
       eval_batch_size: rows per forward pass of the per-epoch evaluation.
+      mesh: a ``jax.sharding.Mesh`` (axes among ``data``, ``fsdp``, ``tensor``) to train on. The
+        state (parameters and optimizer state) is placed with the shardings ``rules`` give its
+        shapes, and every step is jitted with those shardings in and out (so a step never moves
+        the state) and donates it; each batch is split over the mesh's batch axes (``data`` and
+        ``fsdp``), its ``B`` rows padded with weight-0 rows to a multiple of their device count
+        (the loss and gradient do not change: padding rows have ``m_i = 0``). The device copy of
+        the data set is replicated. ``None`` (default): no mesh, the single-device path.
+      rules: :class:`~unlearn_jax.sharding.ShardingRules` for ``mesh`` (default
+        :data:`~unlearn_jax.sharding.DEFAULT_RULES`); only with ``mesh``.
+      logical: the parameters' logical axis names, ``unlearn_jax.sharding.logical_axes(
+        jax.eval_shape(model.init, key, x))``, for models annotated with Flax logical partitioning
+        (the transformer); only with ``mesh``.
 
     Returns:
       ``(state, history)``: the trained state and per-epoch metrics, each a list of ``epochs``
@@ -661,6 +727,10 @@ def fit(
       TypeError: a regularizer returning a non-scalar, a non-Task task.
       FloatingPointError: a non-finite loss (the message gives the epoch and step) or parameters.
 
+    Guarantees:
+      Under a mesh the result equals the unsharded one up to float32 reassociation (the same sums
+      over another split of the rows); the returned state has the shardings the rules give it.
+
     Examples:
       >>> import optax
       >>> from unlearn_jax.data import load
@@ -674,6 +744,7 @@ def fit(
       (['loss', 'test_acc', 'train_acc'], 3, 0.89)
     """
     _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress)
+    placement = make_placement(mesh, rules, logical)
     _check_key(key, "key", batched=False)
     _check_dataset(train, "train")
     if test is not None:
@@ -697,6 +768,7 @@ def fit(
         progress=progress,
         eval_batch_size=eval_batch_size,
         many=False,
+        placement=placement,
     )
     return state, {k: [float(v) for v in vs] for k, vs in history.items()}
 
@@ -717,6 +789,9 @@ def fit_many(
     regularizer: Regularizer | None = None,
     progress: bool | None = None,
     eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    logical: Any = None,
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     r"""Trains ``M = len(keys)`` models as one vectorised computation (``vmap`` over a model axis).
 
@@ -741,6 +816,11 @@ def fit_many(
       data_key: the PRNG key of the (shared) batch order.
       member_masks: optional ``[M, N]`` weights (bool or 0/1): row ``j`` selects model ``j``'s
         members; a non-member has weight 0 in that model's loss. ``None`` means all ones.
+      mesh, rules, logical: as for :func:`fit`. The stacked state ``[M, ...]`` gets its shardings
+        from the rules like :func:`unlearn_jax.methods.unlearn_many`'s (logical names apply to the
+        trailing dimensions, so the model axis stays replicated unless FSDP's fallback finds it the
+        largest divisible dimension), so the trained population feeds ``unlearn_many`` on the same
+        mesh without a reshard; the shared batch is split over the batch axes for all models.
 
     Returns:
       ``(states, history)``: a ``TrainState`` whose every leaf has a leading model axis ``[M, ...]``
@@ -752,6 +832,7 @@ def fit_many(
       As :func:`fit`; the NaN message names the model index.
     """
     _validate_fit_args(epochs, batch_size, eval_batch_size, regularizer, progress)
+    placement = make_placement(mesh, rules, logical)
     m = _check_key(keys, "keys", batched=True)
     _check_key(data_key, "data_key", batched=False)
     _check_dataset(train, "train")
@@ -776,6 +857,7 @@ def fit_many(
         progress=progress,
         eval_batch_size=eval_batch_size,
         many=True,
+        placement=placement,
     )
     return states, {k: np.stack(vs, axis=-1) for k, vs in history.items()}
 
@@ -795,6 +877,9 @@ def retrain(
     test: Any = None,
     regularizer: Regularizer | None = None,
     progress: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    logical: Any = None,
 ) -> RetrainResult:
     r"""Exact unlearning by retraining from scratch on ``train`` without ``forget_ids``.
 
@@ -809,7 +894,8 @@ def retrain(
 
     Args:
       model, sample_input, optimizer: as for :func:`create_train_state`.
-      task, epochs, batch_size, test, regularizer, progress: as for :func:`fit`.
+      task, epochs, batch_size, test, regularizer, progress, mesh, rules, logical: as for
+        :func:`fit` (the state is created on the default device, then placed on ``mesh``).
       train: the full training ``Dataset``.
       forget_ids: ids to leave out (every one must be in ``train``; may be empty).
       init_key: PRNG key of the parameter initialisation.
@@ -841,6 +927,9 @@ def retrain(
         test=test,
         regularizer=regularizer,
         progress=progress,
+        mesh=mesh,
+        rules=rules,
+        logical=logical,
     )
     jax.block_until_ready(state)
     wall_time = time.perf_counter() - start
@@ -861,6 +950,9 @@ def train_original(
     test: Any = None,
     regularizer: Regularizer | None = None,
     progress: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+    logical: Any = None,
 ) -> RetrainResult:
     """Trains the original model on all of ``train``: :func:`retrain` with an empty forget set.
 
@@ -881,6 +973,9 @@ def train_original(
         test=test,
         regularizer=regularizer,
         progress=progress,
+        mesh=mesh,
+        rules=rules,
+        logical=logical,
     )
 
 
