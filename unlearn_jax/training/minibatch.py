@@ -54,6 +54,7 @@ from unlearn_jax import _validate
 from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE, Task
 from unlearn_jax.sharding.placement import Frozen, Placement
 from unlearn_jax.sharding.placement import placement as make_placement
+from unlearn_jax.sharding.rules import ShardingRules
 
 TrainState = flax_train_state.TrainState
 History = dict[str, list[float]]
@@ -661,7 +662,7 @@ def fit(
     progress: bool | None = None,
     eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     mesh: jax.sharding.Mesh | None = None,
-    rules: Any = None,
+    rules: ShardingRules | None = None,
     logical: Any = None,
 ) -> tuple[TrainState, History]:
     r"""Trains ``state`` on ``train`` for ``epochs`` epochs of mini-batch steps.
@@ -723,8 +724,9 @@ def fit(
     Raises:
       ValueError: empty data, labels outside ``[0, K)`` (target tokens outside the vocabulary),
         a sequence dataset without token weights, task kind not matching the data, bad mask or
-        hyper-parameters.
-      TypeError: a regularizer returning a non-scalar, a non-Task task.
+        hyper-parameters, ``rules`` or ``logical`` without ``mesh``.
+      TypeError: a regularizer returning a non-scalar, a non-Task task, a ``mesh`` that is not a
+        ``jax.sharding.Mesh``.
       FloatingPointError: a non-finite loss (the message gives the epoch and step) or parameters.
 
     Guarantees:
@@ -790,7 +792,7 @@ def fit_many(
     progress: bool | None = None,
     eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     mesh: jax.sharding.Mesh | None = None,
-    rules: Any = None,
+    rules: ShardingRules | None = None,
     logical: Any = None,
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     r"""Trains ``M = len(keys)`` models as one vectorised computation (``vmap`` over a model axis).
@@ -878,7 +880,7 @@ def retrain(
     regularizer: Regularizer | None = None,
     progress: bool | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    rules: Any = None,
+    rules: ShardingRules | None = None,
     logical: Any = None,
 ) -> RetrainResult:
     r"""Exact unlearning by retraining from scratch on ``train`` without ``forget_ids``.
@@ -951,7 +953,7 @@ def train_original(
     regularizer: Regularizer | None = None,
     progress: bool | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    rules: Any = None,
+    rules: ShardingRules | None = None,
     logical: Any = None,
 ) -> RetrainResult:
     """Trains the original model on all of ``train``: :func:`retrain` with an empty forget set.
