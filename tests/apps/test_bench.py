@@ -11,6 +11,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from unlearn_jax import data, evaluation, models
@@ -79,6 +80,40 @@ def test_settings_cell_names_the_tuned_values_and_their_source():
     swept = bench._settings("ssd", "random:0.1", {"alpha": 2.0}, swept=True)
     assert swept["source"] == "sweep" and swept["cell"] == "alpha=2,lam=1"
     assert bench._settings("finetune", "ids:1,2", {}, swept=False)["cell"] == "learning_rate=0.01"
+
+
+# ---- matching methods: built from a MatchingContext, named explicitly -----------------------------
+def test_matching_methods_need_a_context_and_stay_out_of_all():
+    assert not set(registry.MATCHING_METHODS) & set(registry.METHODS)
+    assert not set(registry.MATCHING_METHODS) & set(bench.BenchConfig().method_names())
+    named = bench.BenchConfig(methods=("dmm", "npo", "oracle_matching"))
+    assert named.method_names() == ["dmm", "npo", "oracle_matching"]
+    with pytest.raises(ValueError, match=r"dmm matches targets.*unlearn-jax bench --methods dmm"):
+        registry.build("dmm", scenario="class:3")
+    with pytest.raises(ValueError, match=r"npo takes no \['context', 'forget'\]"):
+        registry.build("npo", context=object(), forget=np.arange(3))
+    # Matching's epochs is a hyper-parameter (the method fixes its run); steps is refused.
+    hparams, run = registry.resolve("oracle_matching", epochs=3)
+    assert hparams["epochs"] == 3 and run == {"batch_size": 128}
+    with pytest.raises(ValueError, match="oracle_matching runs whole epochs: set epochs"):
+        registry.resolve("oracle_matching", steps=3)
+
+
+def test_the_command_line_passes_named_matching_methods_to_the_bench(monkeypatch, tmp_path):
+    # The whole run costs the bench's training (about 20 s for the smallest configuration): the
+    # matching rows' plumbing is the fake setup's test below; here the command line's part.
+    from unlearn_jax.apps import cli
+
+    seen = {}
+
+    def run_benchmark(config, progress):
+        seen["methods"] = config.method_names()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "run_benchmark", run_benchmark)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--methods", "dmm,oracle_matching", "--out", str(tmp_path / "b")])
+    assert seen["methods"] == ["dmm", "oracle_matching"]
 
 
 # ---- when KLoM and the challenge score are shown ------------------------------------------------
@@ -286,3 +321,49 @@ def test_the_command_line_switches_on_the_persistent_compilation_cache(tmp_path,
         assert (tmp_path / "xla").is_dir()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_matching_rows_take_om_targets_from_the_oracles_and_compute_dmm_scores_once(fake_setup):
+    # The bench's plumbing on the hand-made setup: OM matches the mean logits of the oracles of
+    # the originals' initialisations (never the reference ones); DMM's attribution is computed
+    # once per run, and the many-model methods carry one target table per model.
+    from unlearn_jax.training import TrainState
+
+    base, reference = fake_setup
+    setup = object.__new__(bench._Setup)
+    vars(setup).update(vars(base))
+    forget, retain = base.split.forget, base.split.retain
+    train = data.Dataset(
+        x=np.concatenate([forget.x, retain.x]), y=np.concatenate([forget.y, retain.y]),
+        ids=np.concatenate([forget.ids, retain.ids]), name="train", num_classes=NUM_CLASSES,
+    )  # fmt: skip
+    setup.splits = types.SimpleNamespace(
+        train=train, test=base.splits.test, num_classes=NUM_CLASSES
+    )
+    setup.config = bench.BenchConfig(seeds=3, forget="class:1")
+    shift = {"head": {"kernel": 0.5, "bias": -0.25}}
+    originals = jax.tree_util.tree_map(lambda a, s: a + s, reference, shift)
+    setup.oracle_params = jax.tree_util.tree_map(lambda a, s: a - s, reference, shift)
+    state = TrainState.create(apply_fn=None, params=originals, tx=optax.identity())
+    setup.originals = state.replace(step=jnp.zeros(3, jnp.int32))  # stacked, as fit_many's
+    setup.original0 = bench._index(setup.originals, 0)
+    key = jax.random.key(0)
+
+    method, run, result, _ = bench._run_method(setup, "oracle_matching", {}, key)
+    table = method.feeds.statistics["targets"].value.value
+    want = _numpy_logits(setup.oracle_params, train).mean(axis=0)  # ids already sorted
+    assert table.outputs.shape == (3, 24, NUM_CLASSES) and run == {"batch_size": 128}
+    np.testing.assert_allclose(table.outputs[2], want, rtol=1e-5, atol=1e-5)
+    assert result.steps == 20  # 20 epochs of one step (12 forget examples, 128 rows)
+
+    messages = []
+    first = bench._attribution(setup, "dmm", messages.append)
+    assert first["attribution_s"] > 0 and len(messages) == 1
+    again = bench._attribution(setup, "dmm", messages.append)
+    assert "attribution_s" not in again and len(messages) == 1  # computed once per run
+    method, _, result, _ = bench._run_method(setup, "dmm", {}, key)
+    table = method.feeds.statistics["targets"].value.value
+    scores = np.asarray(setup.matching.scores.array)  # [24, 24, 3], rows in train's order
+    assert scores.shape == (24, 24, NUM_CLASSES)
+    np.testing.assert_allclose(table.outputs[1], scores[:12].sum(axis=0), rtol=1e-5, atol=1e-6)
+    assert result.hparams["scale"] == 1.0

@@ -1,5 +1,10 @@
 """Every method of the registry through the protocol: init on ShapeDtypeStructs (eval_shape), and
-unlearn_many (one vmap, no loop) equal to single runs."""
+unlearn_many (one vmap, no loop) equal to single runs.
+
+The matching methods (registry.MATCHING_METHODS) are built from a MatchingContext of the two trained
+models, which stand in for both its populations (oracles and TRAK's checkpoints): only the protocol
+is checked here; their targets are tests/apps/test_bench.py's and tests/attribution/'s.
+"""
 
 import functools
 
@@ -10,6 +15,7 @@ import pytest
 
 from tests._training_setup import classification
 from unlearn_jax.apps import registry
+from unlearn_jax.attribution import MatchingContext
 from unlearn_jax.methods import gradient as G
 from unlearn_jax.methods.driver import (
     NonFiniteLossError,
@@ -44,19 +50,37 @@ def _model(tree, m):
     return jax.tree_util.tree_map(lambda a: a[m], tree)
 
 
-def _build(name):
+@functools.cache
+def context():
+    task, states, _, _ = setup()
+    train = classification(n=48, d=5, k=3, seed=3)
+    return MatchingContext(task, train, states.params, states.params, num_oracles=2,
+                           num_checkpoints=2)  # fmt: skip
+
+
+ALL = sorted({**registry.METHODS, **registry.MATCHING_METHODS})
+
+
+def _build(name, models=None):
+    """The registry's method (for ``models`` models, for a matching method) on a short run."""
+    if registry.needs_context(name):  # one epoch: one step of the 9 forget examples
+        forget = setup()[2]
+        method, run = registry.build(
+            name, context=context(), forget=forget, models=models, epochs=1
+        )
+        return method, {**run, "batch_size": 16}
     method, run = registry.build(name)
     if run.get("steps") or run.get("epochs"):
         run = {**{k: v for k, v in run.items() if k not in ("steps", "epochs")}, **SHORT}
     return method, {**run, "batch_size": 16}
 
 
-@pytest.mark.parametrize("name", sorted(registry.METHODS))
+@pytest.mark.parametrize("name", ALL)
 def test_every_registry_method_is_one_vmap_equal_to_single_runs(name):
     task, states, forget, retain = setup()
     method, run = _build(name)
     key = jax.random.key(5)
-    many = unlearn_many(method, states, task, forget, retain, key=key, **run)
+    many = unlearn_many(_build(name, models=2)[0], states, task, forget, retain, key=key, **run)
     assert many.method == method.name and many.guarantee == method.guarantee
     for m in range(2):
         single = unlearn(method, _model(states, m), task, forget, retain, key=key, **run)
@@ -72,7 +96,7 @@ def test_every_registry_method_is_one_vmap_equal_to_single_runs(name):
             np.testing.assert_allclose(many.metrics[k][m], v, rtol=1e-4, atol=atol, err_msg=k)
 
 
-@pytest.mark.parametrize("name", sorted(registry.METHODS))
+@pytest.mark.parametrize("name", ALL)
 def test_init_runs_on_shape_dtype_structs(name):
     # jax.eval_shape(init) gives the method state's shapes without touching data or devices: the
     # shardings of a method state follow from it.

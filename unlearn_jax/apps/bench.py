@@ -11,7 +11,12 @@ One run:
    against;
 3. runs each method on the original of seed 0 (timed: the method's row) and on every original
    (:func:`~unlearn_jax.methods.driver.unlearn_many`, one ``vmap``), with the registry's settings for
-   the scenario's kind (class or random forgetting) or those a validation sweep chose;
+   the scenario's kind (class or random forgetting) or those a validation sweep chose. The matching
+   methods (``--methods oracle_matching,dmm``, not in ``all``) take their targets from the
+   populations of step 2 through one :class:`~unlearn_jax.attribution.MatchingContext`: OM the mean
+   logits of the first 10 oracles of the originals' initialisations (never the reference ones),
+   DMM TRAK's per-class scores over the first 16 originals, computed once per run (its time is
+   recorded apart: it is paid once per model, not per request);
 4. evaluates every model: UA / RA / TA and MIA-Efficacy (:func:`~unlearn_jax.evaluation.evaluate_unlearning`),
    LiRA, the gap to the retrained model, a relearning attack and time on the seed-0 model; KLoM and
    the NeurIPS 2023 challenge score of the ``seeds`` models of each row against the reference
@@ -93,7 +98,9 @@ class BenchConfig:
       model: model name for :func:`unlearn_jax.models.get_model`.
       forget: forget spec for :func:`unlearn_jax.data.select_forget`; its kind (``class:``,
         ``random:``) selects the registry's per-kind settings.
-      methods: method names from :data:`unlearn_jax.apps.registry.METHODS`, or ``("all",)``.
+      methods: method names from :data:`unlearn_jax.apps.registry.METHODS` or
+        :data:`~unlearn_jax.apps.registry.MATCHING_METHODS`, or ``("all",)`` (every one of
+        ``METHODS``).
       seeds: models per side of KLoM and the challenge score: originals (each unlearned by every
         method), oracles from the same initialisations, and as many reference oracles from others.
         The digits MLP needs about 32 for KLoM to separate the original model from retraining.
@@ -135,7 +142,7 @@ class BenchConfig:
         if tuple(self.methods) in (("all",), ()):
             return list(registry.METHODS)
         for name in self.methods:
-            _validate.one_of("method", name, registry.METHODS)
+            registry.method_spec(name)  # an unknown name: the error lists the valid ones
         return list(self.methods)
 
 
@@ -262,6 +269,26 @@ class _Setup:
             g: _logits(self.task, self.reference_params, d) for g, d in self.eval_sets.items()
         }
         self._challenge_setup()
+
+    @functools.cached_property
+    def matching(self):
+        """The :class:`~unlearn_jax.attribution.MatchingContext` of the originals and oracles.
+
+        OM's targets: the mean logits of the first ``min(10, seeds)`` oracles from the originals'
+        initialisations (the reference oracles stay independent of every row); DMM's scores: TRAK
+        over the first ``min(16, seeds)`` originals, computed on first use, in memory.
+        """
+        from unlearn_jax.attribution import MatchingContext
+
+        seeds = self.config.seeds
+        return MatchingContext(
+            self.task,
+            self.splits.train,
+            self.originals.params,
+            self.oracle_params,
+            num_oracles=min(10, seeds),
+            num_checkpoints=min(16, seeds),
+        )
 
     def _challenge_setup(self) -> None:
         """The challenge's forget examples (all, or a fixed subsample) and the reference side."""
@@ -434,7 +461,7 @@ def _settings(name: str, scenario: str, overrides: dict, swept: bool) -> dict[st
     The tuned keys are the sweep grid's and the scenario's overrides (``MethodSpec.kinds``); the
     full hyper-parameters are in the method's record.
     """
-    spec = registry.METHODS[name]
+    spec = registry.method_spec(name)
     kind = registry.scenario_kind(scenario)
     kind_overrides = dict(spec.kinds.get(kind, {})) if kind else {}
     hparams, run = registry.resolve(name, scenario=scenario, **overrides)
@@ -450,11 +477,22 @@ def _settings(name: str, scenario: str, overrides: dict, swept: bool) -> dict[st
     }
 
 
+def _build(setup: _Setup, name: str, overrides: dict, models: int | None = None):
+    """The registry's method for this run (matching methods: from the run's populations)."""
+    context = {}
+    if registry.needs_context(name):
+        context = {"context": setup.matching, "forget": setup.split.forget, "models": models}
+    return registry.build(
+        name, scenario=setup.config.forget, num_classes=setup.splits.num_classes, **context,
+        **overrides,
+    )  # fmt: skip
+
+
 def _run_method(setup: _Setup, name: str, overrides: dict, key: jax.Array):
-    method, run_kwargs = registry.build(
-        name, scenario=setup.config.forget, num_classes=setup.splits.num_classes, **overrides
-    )
+    """The seed-0 run, timed from the request (for DMM: the row sums of its stored scores) to the
+    unlearned parameters; then the method for :func:`unlearn_many` over every original."""
     start = time.perf_counter()
+    method, run_kwargs = _build(setup, name, overrides)
     result = unlearn(
         method,
         setup.original0,
@@ -466,7 +504,31 @@ def _run_method(setup: _Setup, name: str, overrides: dict, key: jax.Array):
         **run_kwargs,
     )
     wall = time.perf_counter() - start
+    if registry.needs_context(name):  # the targets tiled per model
+        method, _ = _build(setup, name, overrides, models=setup.config.seeds)
     return method, run_kwargs, result, wall
+
+
+def _attribution(setup: _Setup, name: str, progress) -> dict[str, Any]:
+    """What a matching method computes once per run, before its timed request (recorded)."""
+    if name == "oracle_matching":
+        return {"targets": f"mean logits of {setup.matching.num_oracles} retrained oracles"}
+    if name != "dmm":
+        return {}
+    context = setup.matching
+    fresh = "scores" not in vars(context)  # a cached_property: computed once per run
+    start = time.perf_counter()
+    if fresh:
+        progress(f"  attribution for dmm: TRAK over {context.num_checkpoints} originals (once)")
+    scores = context.scores
+    record = {
+        "targets": f"TRAK per-class scores {list(scores.shape)} over "
+        f"{context.num_checkpoints} originals",
+        "trak": dataclasses.asdict(context.spec),
+    }
+    if fresh:
+        record["attribution_s"] = time.perf_counter() - start
+    return record
 
 
 def _validation(setup: _Setup):
@@ -507,7 +569,7 @@ def _sweep(setup: _Setup, name: str, progress) -> dict[str, Any]:
 
     Every trial starts from the registry's settings for the scenario's kind.
     """
-    grid = registry.METHODS[name].grid
+    grid = registry.method_spec(name).grid
     if not grid:
         return {"grid": {}, "best": {}, "trials": []}
     val_split, val_metrics, reference = _validation(setup)
@@ -630,6 +692,7 @@ def run_benchmark(
         settings = _settings(name, config.forget, overrides, swept=sweep is not None)
         progress(f"[{i + 1}/{len(names)}] {name} ({settings['cell'] or 'no tuned settings'})")
         key = jax.random.key(100 + i)
+        once = _attribution(setup, name, progress)
         try:
             method, run_kwargs, result, wall = _run_method(setup, name, overrides, key)
             many = unlearn_many(
@@ -657,6 +720,10 @@ def run_benchmark(
             "settings": settings,
             "sweep": sweep,
             "guarantee": result.guarantee,
+            **once,
+            "first_metrics": {
+                k: float(np.asarray(v)[0]) for k, v in result.metrics.items() if np.ndim(v) == 1
+            },
             "final_metrics": {
                 k: float(np.asarray(v)[-1]) for k, v in result.metrics.items() if np.ndim(v) == 1
             },

@@ -622,7 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--forget", default="random:0.1", help="class:K | random:FRACTION | ids:FILE | ids:1,2,3"
     )
-    b.add_argument("--methods", default="all", help="'all' or a comma-separated list")
+    b.add_argument(
+        "--methods",
+        default="all",
+        help="'all' or a comma-separated list; the matching methods (oracle_matching, dmm) are "
+        "not in 'all': name them",
+    )
     b.add_argument(
         "--seeds",
         type=_positive_int,
