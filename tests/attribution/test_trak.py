@@ -15,7 +15,6 @@ from unlearn_jax.attribution.matching import MatchingContext
 from unlearn_jax.core.task import flax_task
 from unlearn_jax.data import Dataset
 from unlearn_jax.models.linear import Linear
-from unlearn_jax.training import fit_full_batch
 
 # float32 scores against float64 numpy of the same stored float32 features: the float32 inverse
 # of Phi^T Phi + lam I bounds the error relative to the largest score.
@@ -52,41 +51,38 @@ def test_identity_trak_on_least_squares_is_the_exact_leave_one_out_effect():
     # Least squares: f = theta^T [1, x], Q_i = y_i - f_i, and the TRAK score is the Newton step
     # phi_i^T (Phi^T Phi)^-1 psi_j Q_i. Removing example i moves the optimum by exactly
     # -(Phi^T Phi)^-1 phi_i Q_i / (1 - h_i) (Sherman-Morrison), h_i = phi_i^T (Phi^T Phi)^-1 phi_i.
+    # The optimum and every leave-one-out refit are numpy's least-squares solutions (exact, and no
+    # compiled iterative solver to pay for).
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
         x = rng.normal(size=(12, 3))
-        train = Dataset(
-            x=x,
-            y=x @ [1.0, -2.0, 0.5] + 0.3 * rng.normal(size=12),
-            ids=np.arange(12),
-            num_classes=None,
-        )
+        y = x @ [1.0, -2.0, 0.5] + 0.3 * rng.normal(size=12)
+        train = Dataset(x=x, y=y, ids=np.arange(12), num_classes=None)
         queries = Dataset(
             x=rng.normal(size=(4, 3)), y=np.zeros(4), ids=np.arange(4) + 50, num_classes=None
         )
         task = flax_task(Linear(num_outputs=1), "regression")
-        init = {"head": {"bias": np.zeros(1), "kernel": np.zeros((3, 1))}}
-        theta = fit_full_batch(task, init, train, l2=0.0, tol=1e-12)
+        # The data as the dataset holds it (its float32 inputs), in float64.
+        x, y = np.asarray(train.x, np.float64), np.asarray(train.y, np.float64)
+        design = np.concatenate([np.ones((12, 1)), x], axis=1)
+        qx = np.concatenate([np.ones((4, 1)), np.asarray(queries.x, np.float64)], axis=1)
+        coef = np.linalg.lstsq(design, y, rcond=None)[0]
+        theta = {"head": {"bias": coef[:1], "kernel": coef[1:, None]}}
         spec = T.TRAKSpec(F.identity(dtype="float64"), lam=0.0, batch_size=16)
         trak = T.TRAK(task, [theta], train, spec)
         tau = np.asarray(trak.scores(queries).array)
         assert tau.dtype == np.float64
         phi = np.asarray(trak.features(0))  # columns: bias, kernel (tree order)
-        design = np.concatenate([np.ones((12, 1)), np.asarray(train.x, np.float64)], axis=1)
         np.testing.assert_allclose(phi, design, rtol=1e-12)
         leverage = np.einsum("ik,kl,il->i", phi, trak.inverse(0), phi)
-        apply = jax.jit(task.apply)
-        f_query = np.asarray(apply(theta, queries.x))[:, 0]
         for i in range(12):
-            loo = fit_full_batch(
-                task, init, train, l2=0.0, member_ids=np.delete(train.ids, i), tol=1e-12
+            keep = np.arange(12) != i
+            loo = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
+            np.testing.assert_allclose(
+                tau[i] / (1.0 - leverage[i]), qx @ (coef - loo), rtol=1e-9, atol=1e-12
             )
-            change = f_query - np.asarray(apply(loo, queries.x))[:, 0]
-            # to the precision of the refit (L-BFGS stops at a gradient norm of 1e-12)
-            np.testing.assert_allclose(tau[i] / (1.0 - leverage[i]), change, rtol=1e-6, atol=1e-8)
         # and the scores are the Newton (influence) step, from the design matrix directly
-        residual = np.asarray(train.y) - np.asarray(apply(theta, train.x))[:, 0]
-        qx = np.concatenate([np.ones((4, 1)), np.asarray(queries.x, np.float64)], axis=1)
+        residual = y - design @ coef
         newton = design @ np.linalg.solve(design.T @ design, qx.T) * residual[:, None]
         np.testing.assert_allclose(tau, newton, rtol=1e-9, atol=1e-12)
         # A squared error has curvature 1 in the prediction: the weighted form is the same.
