@@ -1,5 +1,5 @@
 """Oracle matching and DMM: one step against Adam on a hand-written loss, the epoch decay, the
-targets DMM builds, unlearn / unlearn_many, compilation reuse, and errors."""
+targets DMM builds, compilation reuse, and errors (unlearn_many: tests/methods/test_many.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from flax.training.train_state import TrainState
 from unlearn_jax.core.task import Task
 from unlearn_jax.data import Dataset
 from unlearn_jax.methods import driver
-from unlearn_jax.methods.driver import unlearn, unlearn_many
+from unlearn_jax.methods.driver import unlearn
 from unlearn_jax.methods.matching import dmm, matching_targets, oracle_matching
 from unlearn_jax.methods.protocol import RunPlan
 
@@ -142,37 +142,18 @@ def test_dmm_starts_from_the_scaled_predicted_effect():
     assert result.metrics["forget/mse"][-1] < 0.9 * want  # and it moves towards the targets
 
 
-def test_unlearn_many_is_unlearn_per_model_and_a_new_request_compiles_nothing():
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), params(7), params(8))
-    many = unlearn_many(
-        oracle_matching(table(9), learning_rate=0.01, models=2),
-        state(stacked),
-        TASK,
-        FORGET,
-        RETAIN,
-        key=jax.random.key(2),
-        batch_size=4,
-    )
-    for m in range(2):
-        one = unlearn(
-            oracle_matching(table(9), learning_rate=0.01),
-            state(params(7 + m)),
-            TASK,
-            FORGET,
-            RETAIN,
-            key=jax.random.key(2),
-            batch_size=4,
-        )
-        for k in one.state.params:
-            np.testing.assert_allclose(many.states.params[k][m], one.state.params[k], 1e-5, 1e-6)
-    # Another request (another forget set, other targets of the same table shape): the same
-    # functions, so the step the driver compiled above is reused.
+def test_a_new_request_compiles_nothing():
+    # unlearn_many against unlearn per model, with tables tiled per model: tests/methods/
+    # test_many.py runs both matching methods of the registry through it.
     first = oracle_matching(table(9), learning_rate=0.01)
     stats = {name: s.value for name, s in first.feeds.statistics.items()}
     _, update = driver.compiled_steps(
         first, TASK, params(), stats, RunPlan.create(), key=jax.random.key(0)
     )
+    unlearn(first, state(params(7)), TASK, FORGET, RETAIN, key=jax.random.key(2), batch_size=4)
     assert update._cache_size() == 1
+    # Another request (another forget set, other targets of the same table shape): the same
+    # functions, so the step the driver compiled above is reused.
     smaller = FORGET.take(np.arange(6))
     second = oracle_matching(table(11), learning_rate=0.01)
     assert second.update is first.update and second.init is first.init
