@@ -10,9 +10,10 @@ Methods that need class probabilities (random labels, KL to a teacher, a ridge h
 features) apply to classifiers only and run on the MLP.
 
 Training (:func:`check_fit`, run first): ``fit`` for 3 steps on the same two models and meshes (and
-``fit_many`` of 2 models on the MLP) equals the unsharded run, batch sizes chosen so that the batch
-is padded to a multiple of the batch devices; the whole train state comes back with the shardings
-it went in with, the caller's state is not donated, and under FSDP no large leaf is replicated.
+``fit_many`` of 2 models and ``fit`` on a streamed view of the data on the MLP) equals the
+unsharded run, batch sizes chosen so that the batch is padded to a multiple of the batch devices;
+the whole train state comes back with the shardings it went in with, the caller's state is not
+donated, and under FSDP no large leaf is replicated.
 """
 
 import os
@@ -34,6 +35,7 @@ from jax.sharding import NamedSharding
 from unlearn_jax import sharding, training
 from unlearn_jax.apps import registry
 from unlearn_jax.data import Dataset
+from unlearn_jax.data.stream import as_streamed
 from unlearn_jax.methods import unlearn
 from unlearn_jax.models import MLP, TransformerLM, model_task
 
@@ -120,8 +122,9 @@ def assert_same_shardings(out, start, what):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (what, path, a.sharding, b.sharding)
 
 
-def fit_case(model, data, mesh, *, batch_size, logical=None):
-    """``fit`` for 3 steps of ``batch_size`` rows (one epoch) on ``mesh`` against the unsharded fit."""
+def fit_case(model, data, mesh, *, batch_size, logical=None, streamed=False):
+    """``fit`` for 3 steps of ``batch_size`` rows (one epoch) on ``mesh`` against the unsharded fit;
+    with ``streamed`` also from a StreamedDataset view (batches uploaded split over the mesh)."""
     task = model_task(model)
     state = training.create_train_state(model, data.x[:1], optax.adam(1e-2), jax.random.key(1))
     kwargs = dict(epochs=1, batch_size=batch_size, key=jax.random.key(2), progress=False)
@@ -140,13 +143,19 @@ def fit_case(model, data, mesh, *, batch_size, logical=None):
     assert all(not a.is_deleted() for a in jax.tree.leaves(start))
     check_fsdp(out.params, mesh)
     check_fsdp(out.opt_state, mesh)
+    if streamed:
+        out, history = training.fit(start, task, as_streamed(data), mesh=mesh, rules=RULES,
+                                    logical=logical, **kwargs)  # fmt: skip
+        assert_same_state(out, plain, what + " streamed")
+        np.testing.assert_allclose(history["loss"], plain_history["loss"], rtol=RTOL)
+        assert_same_shardings(out, start, what + " streamed")
 
 
 def check_fit():
     mlp = MLP(num_outputs=4, hidden_sizes=(64,))
     data = classification_data()
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-    fit_case(mlp, data, mesh, batch_size=20)  # padded to 24 rows: 3 per device
+    fit_case(mlp, data, mesh, batch_size=20, streamed=True)  # padded to 24 rows: 3 per device
     # fit_many: two models, each on its own random half, the population axis as the rules place it.
     masks = np.random.default_rng(1).random((2, len(data.ids))) < 0.5
     kwargs = dict(keys=jax.random.split(jax.random.key(3), 2), epochs=1, batch_size=20,

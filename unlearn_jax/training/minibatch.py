@@ -32,6 +32,10 @@ Meshes. With ``mesh=`` (and optionally ``rules=``, ``logical=``) the same step r
 ``in_shardings`` and ``out_shardings`` and donates the state, and each gathered batch is split over
 the batch axes (rows padded with weight-0 rows to a multiple of their devices). The compiled step is
 cached per placement as well. ``mesh=None`` is the single-device path, unchanged.
+
+Streamed data. A :class:`~unlearn_jax.data.StreamedDataset` is never copied to the device: the same
+step receives the batch of rows ``idx[s]`` read on the host (and gathers positions ``0..B-1`` of it),
+so the batches, and the trained model, are those of the in-memory run.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from flax.training import train_state as flax_train_state
 
 from unlearn_jax import _validate
 from unlearn_jax.core.task import CLASSIFICATION, REGRESSION, SEQUENCE, Task
+from unlearn_jax.data.batching import pad_rows, read_rows
+from unlearn_jax.data.stream import StreamedDataset, prefetched, to_device
 from unlearn_jax.sharding.placement import Frozen, Placement
 from unlearn_jax.sharding.placement import placement as make_placement
 from unlearn_jax.sharding.rules import ShardingRules
@@ -280,17 +286,18 @@ _train_step = jax.jit(_step, static_argnames=("task", "regularizer", "many"))
 def _sharded_train_step(task: Task, regularizer: Any, many: bool, shardings: Frozen) -> Callable:
     """:func:`_step` jitted for a mesh, once per task, regularizer, model axis and shardings.
 
-    ``shardings`` is ``(state, batch, replicated)``. The state goes in and comes out with the
-    shardings the rules give it (the invariant optax keeps) and is donated; the device copy of the
-    data set, the member weights, the epoch plan and the statistics are replicated.
+    ``shardings`` is ``(state, batch, replicated, data)``. The state goes in and comes out with the
+    shardings the rules give it (the invariant optax keeps) and is donated; ``data`` is the device
+    copy of the data set (replicated) or a streamed batch (split over the batch axes); the member
+    weights, the epoch plan and the statistics are replicated.
     """
-    state_sh, batch_sh, replicated = shardings.tree
+    state_sh, batch_sh, replicated, data_sh = shardings.tree
     step = functools.partial(
         _step, task=task, regularizer=regularizer, many=many, batch_sharding=batch_sh
     )
     return jax.jit(
         step,
-        in_shardings=(state_sh, *(replicated,) * 6),
+        in_shardings=(state_sh, replicated, data_sh, *(replicated,) * 4),
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
     )
@@ -484,27 +491,57 @@ def _check_key(key: Any, name: str, *, batched: bool) -> int | None:
 
 # ---- the training loop shared by fit and fit_many -------------------------------------------------
 class _EvalData(NamedTuple):
-    data: dict[str, jax.Array]
-    weights: jax.Array
+    data: dict[str, jax.Array] | None  # the device copy; None for a streamed data set
+    weights: Any  # [..., padded rows] on the device, or [..., N] on the host when streamed
     chunk: int
+    streamed: StreamedDataset | None = None
+    sharding: jax.sharding.Sharding | None = None
+
+
+def _upload(ds: Any, batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """A host batch read from ``ds`` on the device, in its stored dtypes, inputs made float32 there."""
+    put = functools.partial(jax.device_put, device=sharding)
+    return to_device(batch, x_divisor=getattr(ds, "x_divisor", None), put=put)
 
 
 def _eval_data(
     ds: Any, weights: np.ndarray, eval_batch_size: int, device=None, sharding=None
 ) -> _EvalData:
+    if isinstance(ds, StreamedDataset):
+        chunk = min(eval_batch_size, _padded_rows(len(ds.ids)))
+        return _EvalData(None, weights, chunk, ds, sharding)
     data, weights_dev = _device_data(ds, weights, sharding) if device is None else device
     rows = data["x"].shape[0]
     return _EvalData(data, weights_dev, min(eval_batch_size, rows))
+
+
+def _eval_chunks(ev: _EvalData):
+    """``(data, weights, start)`` of each chunk: slices of the device copy, or streamed chunks of
+    ``chunk`` rows (the last padded with weight-0 rows) read ahead by a background thread."""
+    if ev.streamed is None:
+        for start in range(0, ev.data["x"].shape[0], ev.chunk):
+            yield ev.data, ev.weights, start
+        return
+    n = len(ev.streamed.ids)
+
+    def read(start):
+        positions = np.arange(start, min(start + ev.chunk, n))
+        batch, _ = pad_rows(read_rows(ev.streamed, positions), ev.chunk)
+        weights = np.zeros((*ev.weights.shape[:-1], ev.chunk), np.float32)
+        weights[..., : len(positions)] = ev.weights[..., positions]
+        return _upload(ev.streamed, batch, ev.sharding), jax.device_put(weights, ev.sharding)
+
+    for data, weights in prefetched(read, range(0, n, ev.chunk), ev.streamed.prefetch):
+        yield data, weights, 0
 
 
 def _evaluate(
     task: Task, params: Any, ev: _EvalData, *, many: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean loss and metric (accuracy or MSE); ``[M]`` arrays when ``many``, else scalars."""
-    rows = ev.data["x"].shape[0]
     total = None
-    for start in range(0, rows, ev.chunk):
-        sums = _eval_chunk(params, ev.data, ev.weights, start, task=task, chunk=ev.chunk, many=many)
+    for data, weights, start in _eval_chunks(ev):
+        sums = _eval_chunk(params, data, weights, start, task=task, chunk=ev.chunk, many=many)
         total = sums if total is None else total + sums
     total = np.asarray(total, np.float64)
     return total[..., 0] / total[..., 2], total[..., 1] / total[..., 2]
@@ -536,8 +573,13 @@ def _train(
     batch_size = min(batch_size, n)
     steps = -(-n // batch_size)
     replicated = None if placement is None else placement.replicated()
-    data, weights_dev = _device_data(train, weights, replicated)
-    train_eval = _eval_data(train, weights, eval_batch_size, device=(data, weights_dev))
+    streamed = isinstance(train, StreamedDataset)
+    if streamed:  # batches read and uploaded step by step; no copy of the data set on the device
+        data = weights_dev = None
+        train_eval = _eval_data(train, weights, eval_batch_size, sharding=replicated)
+    else:
+        data, weights_dev = _device_data(train, weights, replicated)
+        train_eval = _eval_data(train, weights, eval_batch_size, device=(data, weights_dev))
     test_eval = None
     if test is not None:
         test_w = np.ones(
@@ -546,12 +588,13 @@ def _train(
         test_eval = _eval_data(test, test_w, eval_batch_size, sharding=replicated)
     if placement is None:
         train_step = functools.partial(_train_step, task=task, regularizer=regularizer, many=many)
-        rows = batch_size
+        rows, data_sharding = batch_size, None
     else:
         # The state on the mesh with the rules' shardings, in fresh buffers: the step donates it,
         # and the caller's arrays must survive (device_put would return an array placed as is).
         state = jax.device_put(state, placement.of(state), may_alias=False)
-        shardings = Frozen((placement.of(state), placement.batch(), replicated))
+        data_sharding = placement.batch() if streamed else replicated
+        shardings = Frozen((placement.of(state), placement.batch(), replicated, data_sharding))
         train_step = _sharded_train_step(task, regularizer, many, shardings)
         # Each batch is split over the batch axes: its rows padded (weight 0) to a multiple.
         multiple = placement.batch_size_multiple
@@ -579,13 +622,27 @@ def _train(
             if rows > batch_size:  # padding columns: row 0, invalid (weight 0, id -1)
                 idx = np.pad(idx, ((0, 0), (0, rows - batch_size)))
                 valid = np.pad(valid, ((0, 0), (0, rows - batch_size)))
-            idx, valid = jax.device_put((idx, valid), replicated)
             acc = _zero_acc((_n_models(weights),) if many else ())
             if placement is not None:  # as the step returns it (else the first call traces twice)
                 acc = jax.device_put(acc, replicated)
-            for s in range(steps):
-                state, acc = train_step(state, acc, data, weights_dev, idx, valid, s)
-                bar.update(1)
+            if streamed:
+                # Batch s holds rows idx[s] in order: the step gathers positions 0..B-1 of it.
+                local = np.broadcast_to(np.arange(rows, dtype=np.int32), idx.shape)
+                local, valid_dev = jax.device_put((np.array(local), valid), replicated)
+
+                def read(s, idx=idx):
+                    batch = _upload(train, read_rows(train, idx[s]), data_sharding)
+                    return batch, jax.device_put(weights[..., idx[s]], replicated)
+
+                batches = prefetched(read, range(steps), train.prefetch)
+                for s, (batch, batch_weights) in enumerate(batches):
+                    state, acc = train_step(state, acc, batch, batch_weights, local, valid_dev, s)
+                    bar.update(1)
+            else:
+                idx, valid = jax.device_put((idx, valid), replicated)
+                for s in range(steps):
+                    state, acc = train_step(state, acc, data, weights_dev, idx, valid, s)
+                    bar.update(1)
             # One transfer per epoch; the steps above were dispatched without waiting.
             acc = jax.device_get(acc)
             _raise_if_not_finite(acc["first_bad"], epoch, epochs, steps, many)
@@ -678,7 +735,13 @@ def fit(
     Args:
       state: the ``TrainState`` to train (e.g. from :func:`create_train_state`).
       task: the :class:`~unlearn_jax.Task` giving outputs and per-example losses.
-      train: an :class:`unlearn_jax.data.Dataset` with ``N >= 1`` examples.
+      train: an :class:`unlearn_jax.data.Dataset` with ``N >= 1`` examples, or a
+        :class:`unlearn_jax.data.StreamedDataset`: then no copy of the data set goes to the device;
+        each step's ``B`` records are read (a background thread reading ahead ``train.prefetch``
+        batches), uploaded in their stored dtype (split over the batch axes under a mesh) and made
+        float32 there, and the per-epoch evaluation streams the same way. The batches and the
+        result are those of the in-memory fit. Label checks read every label once (targets of a
+        sequence set included).
       epochs: number of passes over the data, >= 1.
       batch_size: ``B``, rows per step, >= 1.
       key: PRNG key of the batch order (the only randomness in training).
@@ -813,7 +876,7 @@ def fit_many(
     Args:
       model, sample_input, optimizer: as for :func:`create_train_state`.
       task, epochs, batch_size, test, regularizer, progress, eval_batch_size: as for :func:`fit`.
-      train: the ``Dataset`` of all candidate examples, ``N`` rows.
+      train: the ``Dataset`` (or ``StreamedDataset``) of all candidate examples, ``N`` rows.
       keys: ``M`` PRNG keys, one per model (``jax.random.split(key, M)``).
       data_key: the PRNG key of the (shared) batch order.
       member_masks: optional ``[M, N]`` weights (bool or 0/1): row ``j`` selects model ``j``'s
@@ -898,7 +961,7 @@ def retrain(
       model, sample_input, optimizer: as for :func:`create_train_state`.
       task, epochs, batch_size, test, regularizer, progress, mesh, rules, logical: as for
         :func:`fit` (the state is created on the default device, then placed on ``mesh``).
-      train: the full training ``Dataset``.
+      train: the full training ``Dataset`` (or ``StreamedDataset``).
       forget_ids: ids to leave out (every one must be in ``train``; may be empty).
       init_key: PRNG key of the parameter initialisation.
       data_key: PRNG key of the batch order.
