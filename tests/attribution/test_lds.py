@@ -27,14 +27,16 @@ def test_a_perfect_predictor_has_lds_one_and_its_store_reads_agree():
 
 def test_a_random_predictor_has_lds_about_zero_per_query_as_scipy():
     rng = np.random.default_rng(1)
-    masks = L.subset_masks(30, 50, key=jax.random.key(1))
-    scores = rng.normal(size=(30, 200))
-    actual = rng.normal(size=(50, 200))  # unrelated to the subsets
+    masks = L.subset_masks(40, 25, key=jax.random.key(1))  # the shapes of the test above
+    scores = rng.normal(size=(40, 200))
+    actual = rng.normal(size=(25, 200))  # unrelated to the subsets
     result = L.linear_datamodeling_score(scores, masks, actual)
-    want = [scipy.stats.spearmanr(masks @ scores[:, j], actual[:, j]).statistic for j in range(200)]
+    # scipy's full correlation matrix of the 2 x 200 columns; its off-diagonal block's diagonal
+    # pairs each query's predicted and actual outputs (one call instead of 200).
+    want = np.diagonal(scipy.stats.spearmanr(masks @ scores, actual).statistic[:200, 200:])
     np.testing.assert_allclose(result.per_query, want, rtol=1e-10, atol=1e-12)
-    # 200 queries, each correlation with standard deviation ~1/7 around 0: the mean within ~0.01
-    assert abs(result.mean) < 0.04
+    # 200 queries, each correlation with standard deviation ~1/5 around 0: the mean within ~0.015
+    assert abs(result.mean) < 0.05
 
 
 def test_ties_get_average_ranks_and_constant_queries_are_undefined():
@@ -62,7 +64,7 @@ def test_subset_masks_hold_exactly_a_fraction_and_depend_on_the_key_only():
 
 
 def test_errors_name_the_problem():
-    masks = L.subset_masks(5, 4, key=jax.random.key(0))
+    masks = np.eye(4, 5, dtype=bool) | np.eye(4, 5, 1, dtype=bool)  # 4 subsets of 5 examples
     with pytest.raises(ValueError, match="share the subset axis"):
         L.linear_datamodeling_score(np.ones((5, 2)), masks, np.ones((3, 2)))
     with pytest.raises(ValueError, match="at least 3 subsets"):
