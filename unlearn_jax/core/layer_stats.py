@@ -436,15 +436,25 @@ def _compute(cm, plan: CapturePlan, request: _Request, params, batch, vector, ke
 
     outputs, inputs, pullback = _capture.capture_forward(cm, params, batch["x"], plan)
     if request.num_samples:
-        fisher: dict = {}
-        for s in range(request.num_samples):
+
+        def draw(s):
             targets = _sample_targets(cm.kind, jax.random.fold_in(key, s), outputs)
             sampled = {**batch, "y": targets}
             _, cotangent = _capture.loss_cotangent(cm, outputs, sampled)
-            grads = pullback(cotangent)
-            part = _captured_fisher(plan, inputs, grads, weights, request.chunk_size)
+            part = _captured_fisher(plan, inputs, pullback(cotangent), weights, request.chunk_size)
             part.update(_generic_fisher(cm, plan, flat, sampled, weights, request))
-            fisher = part if not fisher else {k: fisher[k] + part[k] for k in fisher}
+            return part
+
+        # A loop, not S unrolled copies: the program (and its compile time) does not grow with S.
+        zeros = jax.tree_util.tree_map(
+            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(draw, jnp.int32(0))
+        )
+        fisher = jax.lax.fori_loop(
+            0,
+            request.num_samples,
+            lambda s, acc: jax.tree_util.tree_map(jnp.add, acc, draw(s)),
+            zeros,
+        )
         out["fisher"] = _unflatten(params, plan, {k: v / request.num_samples
                                                   for k, v in fisher.items()})  # fmt: skip
         return out  # no "losses": the data targets may be absent or of another kind
