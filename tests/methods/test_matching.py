@@ -123,6 +123,7 @@ def test_dmm_without_effect_moves_nothing_and_the_rate_decays_per_epoch():
         batch_size=4,
     )
     assert result.steps == 15  # 5 epochs of ceil(10 / 4) forget batches
+    assert result.hparams["epochs"] == 5  # the run length the method fixes, recorded
     for k in p0:
         np.testing.assert_array_equal(result.state.params[k], p0[k])
     np.testing.assert_allclose(

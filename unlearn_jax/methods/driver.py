@@ -286,7 +286,8 @@ def _rows(method: Unlearner, size: int, batch_size: int) -> int:
 
 
 def _plan(method: Unlearner, n_forget, n_retain, steps, epochs, batch_size):
-    """``(forget rows, retain rows, total steps, RunPlan)`` of a run."""
+    """``(forget rows, retain rows, total steps, RunPlan, epochs)`` of a run (``epochs`` as given,
+    or as the method fixes it; ``None`` for a run given in steps)."""
     _validate.positive_int(batch_size=batch_size)
     feeds = method.feeds
     if feeds.run is not None:
@@ -308,7 +309,7 @@ def _plan(method: Unlearner, n_forget, n_retain, steps, epochs, batch_size):
     retain_steps = math.ceil(n_retain / retain_rows) if n_retain else 0
     total = run_length(feeds.phases, forget_steps, retain_steps, steps=steps, epochs=epochs)
     plan = RunPlan.create(total, forget_steps, retain_steps, n_forget, n_retain)
-    return forget_rows, retain_rows, total, plan
+    return forget_rows, retain_rows, total, plan, epochs
 
 
 # ---- compiled pieces (cached across calls, keyed on the method's functions and the placement) -------
@@ -460,7 +461,8 @@ def _run(
         for m in range(count):
             model = jax.tree_util.tree_map(lambda a, m=m: a[m], params) if stacked else params
             method.checks.request(task, model, forget, retain)
-    forget_rows, retain_rows, total, plan = _plan(
+    # A method that fixes its own run length gives its epochs back: they are recorded in hparams.
+    forget_rows, retain_rows, total, plan, epochs = _plan(
         method, n_forget, n_retain, steps, epochs, batch_size
     )
     if placement is not None:
