@@ -490,9 +490,15 @@ def _run_method(setup: _Setup, name: str, key) -> tuple[Any, list[Any], float, d
 
 
 def run_lm_benchmark(
-    config: LMBenchConfig, *, progress: Callable[[str], None] = print
+    config: LMBenchConfig,
+    *,
+    progress: Callable[[str], None] = print,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Runs the LM benchmark and returns a JSON-ready record (``rows``, ``config``, ...).
+
+    ``on_row(row)``, if given, is called with each row as soon as it is evaluated (a long run can
+    save what it has).
 
     Raises:
       ValueError: a bad configuration (naming the field), before any training.
@@ -504,10 +510,15 @@ def run_lm_benchmark(
     seeds = config.seeds
     progress("evaluating the oracles and the full models")
     originals = [_index(setup.originals.params, s) for s in range(seeds)]
-    rows = [
-        _row("retrain", setup.evaluate(setup.oracle_params, oracles=True), setup.model_time, None),
-        _row("original", setup.evaluate(originals), None, None),
-    ]  # fmt: skip
+    rows = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    add(_row("retrain", setup.evaluate(setup.oracle_params, oracles=True), setup.model_time, None))
+    add(_row("original", setup.evaluate(originals), None, None))
     methods_record = {}
     for i, name in enumerate(names):
         cell = _settings_cell(name)
@@ -517,9 +528,9 @@ def run_lm_benchmark(
         except FloatingPointError as error:
             progress(f"  {name} failed: {error}")
             methods_record[name] = {"error": str(error)}
-            rows.append({"method": name, "error": str(error), "settings": cell})
+            add({"method": name, "error": str(error), "settings": cell})
             continue
-        rows.append(_row(name, setup.evaluate(params), wall, cell))
+        add(_row(name, setup.evaluate(params), wall, cell))
         methods_record[name] = record
     original = rows[1]["mean"]
     return {
