@@ -10,7 +10,7 @@ The papers' settings are for 7B-parameter models (AdamW 1e-5, a few epochs over 
 hundreds of questions); ``lm-tiny`` (0.48M parameters) memorising 40 fictitious authors needs larger
 steps. The values here were chosen on the default benchmark (``unlearn-jax bench --data facts``, seed
 0) so that each method's forget ROUGE lands near the oracle's without a collapse where the method
-allows it; the exploration and the figures are in ``experiments/lm_facts.py``. The objectives and
+allows it; the measured table is in ``experiments/lm_facts.py``. The objectives and
 their own constants (NPO's beta 0.1, SimNPO's beta 2.5, the retain weights, RMU's layer and alpha
 ratio) are the papers'.
 
