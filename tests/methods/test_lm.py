@@ -1,11 +1,11 @@
-"""LM unlearning: the sequence terms against hand computations, every recipe through the driver.
+"""LM unlearning: the sequence terms and every recipe's loss against hand computations.
 
-A tiny facts set (4 authors). XLA compiles a transformer's training step in seconds on a CPU, so
-the terms' values and the recipes' runs use a toy sequence model (an embedding, two residual tanh
-blocks named like the transformer's, the tied unembedding) with the transformer's interface
-(``hidden_states(x, layer)``); one RMU run goes through the real transformer. The terms are checked
-against float64 numpy transcriptions of their formulas from the model's logits and activations.
-"""
+A tiny facts set (4 authors). XLA compiles a training step in seconds on a CPU, so the terms and
+recipes use a toy sequence model (an embedding, two residual tanh blocks named like the
+transformer's, the tied unembedding) with the transformer's interface (``hidden_states(x, layer)``);
+RMU's terms are traced on the real transformer. The terms and each recipe's whole objective are
+checked against float64 numpy transcriptions of their formulas from the model's logits and
+activations; one recipe (SAM over IdkDPO) runs through the driver."""
 
 import functools
 import json
