@@ -71,7 +71,9 @@ def reference_grads(problem):
 
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("strategy", ["vmap", "rewrite"])
-@pytest.mark.parametrize("chunk_size", [None, 1, 7, 64])
+# Chunks of 7 leave a remainder on every problem; chunks of one example and chunks larger than the
+# batch are test_chunked_map_handles_a_remainder_and_non_gradient_outputs's cases.
+@pytest.mark.parametrize("chunk_size", [None, 7])
 def test_per_example_grads_match_python_loop(problem, strategy, chunk_size):
     params, batch, loss_fn, _ = PROBLEMS[problem]()
     got = grads.per_example_grads(loss_fn, params, batch, chunk_size=chunk_size, strategy=strategy)
@@ -294,11 +296,13 @@ def test_rewritten_conv_gradients_match(conv, chunk_size):
 
     got = grads.per_example_grads(loss, w, x, chunk_size=chunk_size, strategy="rewrite")
     want = grads.per_example_grads(loss, w, x, strategy="vmap")
-    # Another layout may make XLA pick another convolution kernel: summation order.
-    np.testing.assert_allclose(got, want, rtol=RTOL_F32, atol=ATOL_F32)
+    # Another layout may make XLA pick another convolution kernel: summation order, whose absolute
+    # error scales with the largest entries (sums of ~24 products), not with each entry.
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=RTOL_F32, atol=ATOL_F32 * scale)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 4, 5])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 5, 64])
 def test_chunked_map_handles_a_remainder_and_non_gradient_outputs(chunk_size):
     batch = {"v": jnp.arange(23.0), "m": jnp.arange(46.0).reshape(23, 2)}
     got = grads.chunked_map(lambda ex: {"a": ex["v"] * 2.0, "b": ex["m"].sum()}, batch, chunk_size)

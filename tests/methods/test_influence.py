@@ -60,7 +60,7 @@ def test_original_is_at_the_optimum(logreg):
     assert float(optax.tree.norm(grad)) < 1e-9
 
 
-@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.10])
+@pytest.mark.parametrize("fraction", [0.01, 0.10])
 def test_newton_removal_lands_near_the_retrained_optimum(logreg, fraction):
     splits, task, state = logreg
     split = data.random_forget(splits.train, fraction, seed=0)
