@@ -20,7 +20,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 os.environ["UNLEARN_JAX_CACHE"] = "off"
 
 # Tests that run processes of their own (8 fake devices, two hosts) take the longest: collected
-# first, pytest-xdist hands their files out first, so they run beside the rest instead of after it.
+# first, pytest-xdist hands their files out first (--no-loadscope-reorder keeps collection order),
+# so they run beside the rest instead of after it.
 _FIRST = (
     "tests/methods/test_sharded.py",
     "tests/methods/test_multihost.py",
