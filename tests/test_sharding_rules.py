@@ -7,10 +7,6 @@ their own process (tests/sharding_rules_check.py).
 """
 
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -21,10 +17,10 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from tests._subprocess import run_check
 from unlearn_jax import sharding
 from unlearn_jax.models import MLP, TransformerLM
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 LM = TransformerLM(num_outputs=64, d_model=64, num_layers=2, num_heads=4, mlp_dim=128, max_len=8)
 KEY = jax.random.key(0)
 TOKENS = jax.ShapeDtypeStruct((2, 8), jnp.int32)
@@ -254,14 +250,4 @@ def test_make_mesh_checks_the_device_count_and_infers_one_size():
 
 
 def test_placement_and_a_sharded_training_step_on_8_fake_devices():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.sharding_rules_check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SHARDING_RULES_OK" in proc.stdout
+    run_check("tests.sharding_rules_check", "SHARDING_RULES_OK")
